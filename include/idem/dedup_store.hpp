@@ -1,0 +1,124 @@
+#pragma once
+/// @file
+/// @brief idem::DedupStore, the interface every backend implements, and idem::ClaimGuard.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "idem/claim.hpp"
+#include "idem/error.hpp"
+
+namespace idem {
+
+/// @brief Throws InvalidMessage unless 1 <= key.size() <= max_key_bytes. Any bytes are allowed.
+/// @throws idem::InvalidMessage with a message that says what to change.
+void validate_key(std::string_view key, std::size_t max_key_bytes);
+
+/// @brief Abstract dedup record store.
+///
+/// The public, non-virtual methods validate keys once for every backend and translate any
+/// non-idem exception a backend lets out into idem::StoreUnavailable. A backend implements
+/// the protected do_* hooks (see docs/stores/writing-a-store.md):
+/// - do_claim: atomically take a key that is absent, released, expired or whose lease expired;
+///   otherwise report done (with the response), in_progress or conflict. Tokens handed out
+///   for one key must strictly increase, across releases and takeovers.
+/// - do_complete / do_release: act only while the token still owns the key; return false
+///   otherwise (the lease expired and someone else took over).
+/// The batch hooks default to a loop; backends with round trips override them.
+class DedupStore {
+ public:
+  virtual ~DedupStore() = default;
+  DedupStore() = default;
+  DedupStore(const DedupStore&) = delete;
+  DedupStore& operator=(const DedupStore&) = delete;
+
+  /// @brief Tries to take ownership of request.key.
+  /// @throws idem::InvalidMessage for an empty or oversized key.
+  /// @throws idem::StoreUnavailable when the backend fails.
+  Claim claim(const ClaimRequest& request) {
+    validate_key(request.key, request.max_key_bytes);
+    return translate_errors([&] { return do_claim(request); });
+  }
+
+  /// @brief Records a claimed key as done. False when the token no longer owns the key.
+  /// @throws idem::StoreUnavailable when the backend fails.
+  bool complete(const Completion& completion) {
+    return translate_errors([&] { return do_complete(completion); });
+  }
+
+  /// @brief Gives up a claim so a redelivery can take it. False when the token no longer owns
+  /// the key. @throws idem::StoreUnavailable when the backend fails.
+  bool release(std::string_view key, std::uint64_t token) {
+    return translate_errors([&] { return do_release(key, token); });
+  }
+
+  /// @brief claim() for many keys, one answer per request, in order.
+  /// @throws idem::InvalidMessage naming the first bad request; nothing is claimed then.
+  std::vector<Claim> claim_batch(std::span<const ClaimRequest> requests);
+
+  /// @brief complete() for many keys; element i is complete(completions[i]).
+  std::vector<bool> complete_batch(std::span<const Completion> completions) {
+    return translate_errors([&] { return do_complete_batch(completions); });
+  }
+
+  /// @brief Drops the record of a key whatever its state (an operator's "forget").
+  /// True when a record existed.
+  bool forget(std::string_view key) {
+    return translate_errors([&] { return do_forget(key); });
+  }
+
+  /// @brief Short backend name used in error messages, e.g. "redis".
+  virtual std::string_view name() const noexcept = 0;
+
+ protected:
+  virtual Claim do_claim(const ClaimRequest& request) = 0;
+  virtual bool do_complete(const Completion& completion) = 0;
+  virtual bool do_release(std::string_view key, std::uint64_t token) = 0;
+  virtual bool do_forget(std::string_view key) = 0;
+  virtual std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests);
+  virtual std::vector<bool> do_complete_batch(std::span<const Completion> completions);
+
+ private:
+  template <class F>
+  auto translate_errors(F&& f) -> decltype(f()) {
+    try {
+      return f();
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw_unavailable(e.what());
+    }
+  }
+  [[noreturn]] void throw_unavailable(const char* what) const;
+};
+
+/// @brief Releases a claim when it goes out of scope unless dismissed; never throws (a claim
+/// that cannot be released expires with its lease).
+class ClaimGuard {
+ public:
+  ClaimGuard(DedupStore& store, std::string_view key, std::uint64_t token) noexcept
+      : store_(&store), key_(key), token_(token) {}
+  ClaimGuard(const ClaimGuard&) = delete;
+  ClaimGuard& operator=(const ClaimGuard&) = delete;
+  ~ClaimGuard() { release(); }
+
+  void dismiss() noexcept { store_ = nullptr; }
+  void release() noexcept {
+    if (store_ == nullptr) return;
+    try {
+      store_->release(key_, token_);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the lease expiry is the fallback
+    }
+    store_ = nullptr;
+  }
+
+ private:
+  DedupStore* store_;
+  std::string_view key_;
+  std::uint64_t token_;
+};
+
+}  // namespace idem

@@ -1,0 +1,37 @@
+#pragma once
+/// @file
+/// @brief idem::Options, the per-consumer policy.
+
+#include <chrono>
+#include <cstddef>
+
+namespace idem {
+
+/// @brief When the key is recorded as done relative to running the handler.
+enum class Mark {
+  /// Record done after the handler succeeds: at-least-once effects, deduplicated (default).
+  after_success,
+  /// Record done before the handler runs: at-most-once; a crash mid-handler loses the message.
+  before_processing,
+};
+
+/// @brief Policy of one IdempotentConsumer. Designated-initialiser friendly.
+struct Options {
+  /// Life of an in-progress claim. A claim whose holder died is taken over after this.
+  /// Make it longer than the slowest handler, or a second worker may run concurrently.
+  std::chrono::milliseconds lease{std::chrono::seconds{30}};
+  /// How long a done key is remembered. Redeliveries later than this are processed again.
+  std::chrono::milliseconds retention{std::chrono::hours{24}};
+  /// Longest accepted key in bytes; longer keys raise idem::InvalidMessage.
+  std::size_t max_key_bytes = 512;
+  /// Fingerprint payloads (XXH3-128) and report Outcome::conflict when a key is reused
+  /// with a different payload.
+  bool verify_payload = true;
+  /// When the key is recorded as done.
+  Mark mark = Mark::after_success;
+  /// Let handler exceptions escape consume() (after the claim is released) instead of
+  /// returning Outcome::failed.
+  bool rethrow_handler_errors = false;
+};
+
+}  // namespace idem
