@@ -24,9 +24,9 @@ struct FencingToken {
 
 /// @brief One attempt to take ownership of a key.
 struct ClaimRequest {
-  std::string_view key;
+  std::string_view key{};
   /// Payload digest; empty when payload verification is off.
-  Fingerprint fingerprint;
+  Fingerprint fingerprint{};
   /// Life of the in-progress claim.
   std::chrono::milliseconds lease{std::chrono::seconds{30}};
   /// Life of the done record (used at once when mark_done is set).
@@ -53,15 +53,15 @@ struct Claim {
   /// The previous holder's lease had expired and was taken over (acquired only).
   bool took_over = false;
   /// The stored response of a done key.
-  std::optional<std::string> response;
+  std::optional<std::string> response{};
 };
 
 /// @brief Marks a claimed key as done.
 struct Completion {
-  std::string_view key;
+  std::string_view key{};
   std::uint64_t token = 0;
   /// Stored and replayed to duplicates when set.
-  std::optional<std::string_view> response;
+  std::optional<std::string_view> response{};
   std::chrono::milliseconds retention{std::chrono::hours{24}};
 };
 

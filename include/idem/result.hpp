@@ -16,9 +16,9 @@ struct Result {
   Outcome outcome = Outcome::failed;
   /// What the handler returned, if it returns something convertible to std::string;
   /// replayed from the store for Outcome::duplicate.
-  std::optional<std::string> response;
+  std::optional<std::string> response{};
   /// The handler's exception, for Outcome::failed.
-  std::exception_ptr error;
+  std::exception_ptr error{};
   /// The fencing token the claim ran under (0 when the handler did not run).
   std::uint64_t fencing_token = 0;
 

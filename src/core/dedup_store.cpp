@@ -1,0 +1,52 @@
+#include "idem/dedup_store.hpp"
+
+#include <string>
+
+namespace idem {
+
+void validate_key(std::string_view key, std::size_t max_key_bytes) {
+  if (key.empty()) {
+    throw InvalidMessage(
+        "key is empty: every message needs a biz-id (payment id, order id) in Message::key; "
+        "dead-letter this message and fix the producer");
+  }
+  if (key.size() > max_key_bytes) {
+    throw InvalidMessage("key is " + std::to_string(key.size()) + " bytes; max_key_bytes is " +
+                         std::to_string(max_key_bytes) +
+                         ": use a shorter biz-id (or a digest of it) or raise "
+                         "Options::max_key_bytes");
+  }
+}
+
+std::vector<Claim> DedupStore::claim_batch(std::span<const ClaimRequest> requests) {
+  for (std::size_t i = 0; i < requests.size(); ++i) {
+    try {
+      validate_key(requests[i].key, requests[i].max_key_bytes);
+    } catch (const InvalidMessage& e) {
+      throw InvalidMessage("message " + std::to_string(i) + " of the batch: " + e.what() +
+                           "; nothing in the batch was processed");
+    }
+  }
+  return translate_errors([&] { return do_claim_batch(requests); });
+}
+
+std::vector<Claim> DedupStore::do_claim_batch(std::span<const ClaimRequest> requests) {
+  std::vector<Claim> claims;
+  claims.reserve(requests.size());
+  for (const ClaimRequest& request : requests) claims.push_back(do_claim(request));
+  return claims;
+}
+
+std::vector<bool> DedupStore::do_complete_batch(std::span<const Completion> completions) {
+  std::vector<bool> done;
+  done.reserve(completions.size());
+  for (const Completion& completion : completions) done.push_back(do_complete(completion));
+  return done;
+}
+
+void DedupStore::throw_unavailable(const char* what) const {
+  throw StoreUnavailable(std::string(name()) + " store failed: " + what +
+                         "; the message was not recorded as done: do not ack it, retry later");
+}
+
+}  // namespace idem

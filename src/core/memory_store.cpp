@@ -1,0 +1,313 @@
+#include "idem/stores/memory_store.hpp"
+
+#include <absl/container/flat_hash_map.h>
+#include <absl/container/flat_hash_set.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "idem/detail/key_hash.hpp"
+
+namespace idem {
+namespace {
+
+enum class State : std::uint8_t { in_progress, done, released };
+
+// One record, allocated as a single block with its key bytes right after it, so a record of a
+// 16-byte key costs one 64-byte malloc chunk plus one slot in the hash set.
+struct Entry {
+  Entry* next = nullptr;          // insertion (FIFO) order within the shard
+  std::uint64_t token = 0;        // fencing token of the current or last owner
+  std::int64_t deadline = 0;      // lease end (in_progress) or retention end (done, released)
+  std::uint64_t fingerprint = 0;  // low half of the XXH3-128 payload digest; 0: unchecked
+  std::uint32_t key_size = 0;
+  State state = State::in_progress;
+  bool has_response = false;
+
+  std::string_view key() const noexcept {
+    return {reinterpret_cast<const char*>(this + 1), key_size};
+  }
+  bool live(std::int64_t now) const noexcept { return state != State::released && deadline > now; }
+
+  static Entry* make(std::string_view key) {
+    void* block = ::operator new(sizeof(Entry) + key.size());
+    Entry* entry = new (block) Entry;
+    entry->key_size = static_cast<std::uint32_t>(key.size());
+    std::memcpy(entry + 1, key.data(), key.size());
+    return entry;
+  }
+  static void destroy(Entry* entry) noexcept {
+    entry->~Entry();
+    ::operator delete(entry);
+  }
+};
+static_assert(sizeof(Entry) == 40);
+
+// A key with its hash computed once: picks the shard and probes the set.
+struct HashedKey {
+  std::string_view key;
+  std::size_t hash;
+};
+
+struct EntryHash {
+  using is_transparent = void;
+  std::size_t operator()(const Entry* e) const noexcept { return detail::key_hash(e->key()); }
+  std::size_t operator()(const HashedKey& k) const noexcept { return k.hash; }
+};
+
+struct EntryEq {
+  using is_transparent = void;
+  static std::string_view view(const Entry* e) noexcept { return e->key(); }
+  static std::string_view view(const HashedKey& k) noexcept { return k.key; }
+  template <class A, class B>
+  bool operator()(const A& a, const B& b) const noexcept {
+    return view(a) == view(b);
+  }
+};
+
+std::uint64_t compact(const Fingerprint& fp) noexcept {
+  return fp.empty() ? 0 : (fp.low != 0 ? fp.low : 1);
+}
+bool compatible(std::uint64_t stored, std::uint64_t offered) noexcept {
+  return stored == 0 || offered == 0 || stored == offered;
+}
+// Bytes a record costs against max_bytes: its block, its slot and control byte in the set.
+std::size_t record_bytes(std::size_t key_size) noexcept {
+  return sizeof(Entry) + key_size + sizeof(Entry*) + 1;
+}
+
+// Records examined per inserting call; keeps purging O(1) on the hot path.
+constexpr int kHousekeepingPerInsert = 2;
+
+struct alignas(64) Shard {
+  std::mutex mutex;
+  absl::flat_hash_set<Entry*, EntryHash, EntryEq> entries;
+  absl::flat_hash_map<const Entry*, std::string> responses;
+  Entry* head = nullptr;  // oldest
+  Entry* tail = nullptr;  // newest
+  std::uint64_t last_token = 0;
+  std::size_t bytes = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t expired = 0;
+  std::uint64_t takeovers = 0;
+
+  ~Shard() {
+    for (Entry* e : entries) Entry::destroy(e);
+  }
+
+  Entry* find(const HashedKey& key) const {
+    auto it = entries.find(key);
+    return it == entries.end() ? nullptr : *it;
+  }
+
+  void push_back(Entry* e) noexcept {
+    e->next = nullptr;
+    (tail ? tail->next : head) = e;
+    tail = e;
+  }
+  Entry* pop_front() noexcept {
+    Entry* e = head;
+    head = e->next;
+    if (head == nullptr) tail = nullptr;
+    return e;
+  }
+
+  void set_response(const Entry* e, std::optional<std::string_view> response) {
+    drop_response(e);
+    if (!response) return;
+    bytes += response->size();
+    responses.emplace(e, std::string(*response));
+  }
+  void drop_response(const Entry* e) {
+    if (!e->has_response) return;
+    auto it = responses.find(e);
+    bytes -= it->second.size();
+    responses.erase(it);
+  }
+
+  // Unlinked entries only (pop_front first).
+  void erase(Entry* e) {
+    drop_response(e);
+    bytes -= record_bytes(e->key_size);
+    entries.erase(e);
+    Entry::destroy(e);
+  }
+};
+
+}  // namespace
+
+struct MemoryStore::Impl {
+  explicit Impl(const MemoryStoreOptions& options)
+      : clock(options.clock ? options.clock : &monotonic_clock()),
+        shard_bits(std::bit_width(std::bit_ceil(options.shards ? options.shards : 64)) - 1),
+        shards(std::size_t{1} << shard_bits),
+        max_keys(options.max_keys ? (options.max_keys + shards.size() - 1) / shards.size() : 0),
+        max_bytes(options.max_bytes ? (options.max_bytes + shards.size() - 1) / shards.size() : 0) {
+  }
+
+  const Clock* clock;
+  int shard_bits;
+  std::vector<Shard> shards;
+  std::size_t max_keys;   // per shard
+  std::size_t max_bytes;  // per shard
+
+  HashedKey hashed(std::string_view key) const noexcept { return {key, detail::key_hash(key)}; }
+  Shard& shard_of(const HashedKey& k) noexcept {
+    // The top bits pick the shard; the set uses the low ones.
+    return shards[shard_bits == 0 ? 0 : k.hash >> (64 - shard_bits)];
+  }
+
+  bool over_bounds(const Shard& s) const noexcept {
+    return (max_keys && s.entries.size() > max_keys) || (max_bytes && s.bytes > max_bytes);
+  }
+
+  // Examines a few of the oldest records: drops what has expired, and evicts done records while
+  // the shard is over its bounds. A live claim is never evicted (that would let a second worker
+  // in); it moves to the back, as does a record reused in place, whose deadline is newer than
+  // its successor's.
+  void housekeep(Shard& s, std::int64_t now, std::size_t budget) {
+    for (std::size_t seen = 0; seen < budget && s.head != nullptr; ++seen) {
+      Entry* e = s.head;
+      if (!e->live(now)) {
+        s.erase(s.pop_front());
+        ++s.expired;
+      } else if (over_bounds(s) && e->state == State::done) {
+        s.erase(s.pop_front());
+        ++s.evictions;
+      } else if (e->next != nullptr && (over_bounds(s) || e->deadline > e->next->deadline)) {
+        s.push_back(s.pop_front());
+      } else {
+        break;
+      }
+    }
+  }
+};
+
+MemoryStore::MemoryStore(MemoryStoreOptions options) : impl_(std::make_unique<Impl>(options)) {}
+MemoryStore::~MemoryStore() = default;
+
+Claim MemoryStore::do_claim(const ClaimRequest& request) {
+  const HashedKey key = impl_->hashed(request.key);
+  Shard& s = impl_->shard_of(key);
+  const std::uint64_t fingerprint = compact(request.fingerprint);
+  const std::int64_t now = impl_->clock->now_ms();
+  const std::int64_t deadline =
+      now + (request.mark_done ? request.retention : request.lease).count();
+  const State state = request.mark_done ? State::done : State::in_progress;
+
+  std::lock_guard lock(s.mutex);
+  Entry* e = s.find(key);
+  if (e != nullptr && e->live(now)) {
+    if (!compatible(e->fingerprint, fingerprint)) return Claim{.status = ClaimStatus::conflict};
+    if (e->state == State::in_progress) return Claim{.status = ClaimStatus::in_progress};
+    Claim claim{.status = ClaimStatus::done};
+    if (e->has_response) claim.response = s.responses.find(e)->second;
+    return claim;
+  }
+
+  Claim claim{.status = ClaimStatus::acquired, .token = ++s.last_token};
+  if (e == nullptr) {
+    e = Entry::make(request.key);
+    s.entries.insert(e);
+    s.push_back(e);
+    s.bytes += record_bytes(e->key_size);
+    impl_->housekeep(s, now, kHousekeepingPerInsert + (impl_->over_bounds(s) ? 4 : 0));
+  } else {
+    // Released, expired, or a dead holder's claim: take the record over in place.
+    claim.took_over = e->state == State::in_progress;
+    s.takeovers += claim.took_over;
+    s.drop_response(e);
+    e->has_response = false;
+  }
+  e->token = claim.token;
+  e->deadline = deadline;
+  e->fingerprint = fingerprint;
+  e->state = state;
+  return claim;
+}
+
+bool MemoryStore::do_complete(const Completion& completion) {
+  const HashedKey key = impl_->hashed(completion.key);
+  Shard& s = impl_->shard_of(key);
+  const std::int64_t now = impl_->clock->now_ms();
+  std::lock_guard lock(s.mutex);
+  Entry* e = s.find(key);
+  if (e == nullptr || e->token != completion.token || e->state == State::released) return false;
+  e->state = State::done;
+  e->deadline = now + completion.retention.count();
+  s.set_response(e, completion.response);
+  e->has_response = completion.response.has_value();
+  return true;
+}
+
+bool MemoryStore::do_release(std::string_view key_bytes, std::uint64_t token) {
+  const HashedKey key = impl_->hashed(key_bytes);
+  Shard& s = impl_->shard_of(key);
+  std::lock_guard lock(s.mutex);
+  Entry* e = s.find(key);
+  if (e == nullptr || e->token != token || e->state != State::in_progress) return false;
+  // Kept, not erased: it sits in the FIFO list; housekeeping drops it. Tokens come from the
+  // shard's counter, so a later owner's token is larger either way.
+  e->state = State::released;
+  return true;
+}
+
+bool MemoryStore::do_forget(std::string_view key_bytes) {
+  const HashedKey key = impl_->hashed(key_bytes);
+  Shard& s = impl_->shard_of(key);
+  std::lock_guard lock(s.mutex);
+  Entry* e = s.find(key);
+  if (e == nullptr || e->state == State::released) return false;
+  e->state = State::released;
+  s.drop_response(e);
+  e->has_response = false;
+  return true;
+}
+
+std::size_t MemoryStore::purge_expired(std::size_t max_records) {
+  std::size_t dropped = 0;
+  for (Shard& s : impl_->shards) {
+    if (dropped >= max_records) break;
+    std::lock_guard lock(s.mutex);
+    const std::int64_t now = impl_->clock->now_ms();
+    // Walk the whole list once: a purge call is the operator's full sweep, not the hot path.
+    Entry* kept_head = nullptr;
+    Entry* kept_tail = nullptr;
+    while (s.head != nullptr) {
+      Entry* e = s.pop_front();
+      if (!e->live(now) && dropped < max_records) {
+        s.erase(e);
+        ++s.expired;
+        ++dropped;
+        continue;
+      }
+      e->next = nullptr;
+      (kept_tail ? kept_tail->next : kept_head) = e;
+      kept_tail = e;
+    }
+    s.head = kept_head;
+    s.tail = kept_tail;
+  }
+  return dropped;
+}
+
+MemoryStoreStats MemoryStore::stats() const {
+  MemoryStoreStats stats;
+  for (Shard& s : impl_->shards) {
+    std::lock_guard lock(s.mutex);
+    stats.keys += s.entries.size();
+    stats.bytes += s.bytes;
+    stats.evictions += s.evictions;
+    stats.expired += s.expired;
+    stats.takeovers += s.takeovers;
+  }
+  return stats;
+}
+
+}  // namespace idem
