@@ -212,12 +212,12 @@ Claim MemoryStore::do_claim(const ClaimRequest& request) {
   }
 
   Claim claim{.status = ClaimStatus::acquired, .token = ++s.last_token};
-  if (e == nullptr) {
+  const bool fresh = e == nullptr;
+  if (fresh) {
     e = Entry::make(request.key);
     s.entries.insert(e);
     s.push_back(e);
     s.bytes += record_bytes(e->key_size);
-    impl_->housekeep(s, now, kHousekeepingPerInsert + (impl_->over_bounds(s) ? 4 : 0));
   } else {
     // Released, expired, or a dead holder's claim: take the record over in place.
     claim.took_over = e->state == State::in_progress;
@@ -229,6 +229,7 @@ Claim MemoryStore::do_claim(const ClaimRequest& request) {
   e->deadline = deadline;
   e->fingerprint = fingerprint;
   e->state = state;
+  if (fresh) impl_->housekeep(s, now, kHousekeepingPerInsert + (impl_->over_bounds(s) ? 4 : 0));
   return claim;
 }
 

@@ -1,0 +1,198 @@
+#include <gtest/gtest.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "idem/idem.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using idem::Message;
+using idem::Outcome;
+
+// A store that records calls and fails on demand (the "recording fake" of the style guide).
+class FaultyStore final : public idem::DedupStore {
+ public:
+  idem::MemoryStore inner;
+  bool fail_claim = false;
+  bool fail_complete = false;
+  bool refuse_complete = false;
+  bool throw_foreign = false;
+  int claims = 0, completes = 0, releases = 0, batch_claims = 0;
+
+  std::string_view name() const noexcept override { return "faulty"; }
+
+ protected:
+  idem::Claim do_claim(const idem::ClaimRequest& r) override {
+    ++claims;
+    if (throw_foreign) throw std::runtime_error("connection reset by peer");
+    if (fail_claim) throw idem::StoreUnavailable("faulty store is down");
+    return inner.claim(r);
+  }
+  bool do_complete(const idem::Completion& c) override {
+    ++completes;
+    if (fail_complete) throw idem::StoreUnavailable("faulty store is down");
+    if (refuse_complete) return false;
+    return inner.complete(c);
+  }
+  bool do_release(std::string_view key, std::uint64_t token) override {
+    ++releases;
+    return inner.release(key, token);
+  }
+  bool do_forget(std::string_view key) override { return inner.forget(key); }
+  std::vector<idem::Claim> do_claim_batch(std::span<const idem::ClaimRequest> r) override {
+    ++batch_claims;
+    return DedupStore::do_claim_batch(r);
+  }
+};
+
+TEST(Consumer, AcceptsEveryHandlerForm) {
+  idem::MemoryStore store;
+  idem::IdempotentConsumer void_form(store, [](const Message&) {});
+  EXPECT_EQ(void_form.consume({.key = "a"}).response, std::nullopt);
+
+  idem::IdempotentConsumer string_form(store, [](const Message&) { return std::string("s"); });
+  EXPECT_EQ(string_form.consume({.key = "b"}).response, "s");
+
+  idem::IdempotentConsumer c_string_form(store, [](const Message&) { return "c"; });
+  EXPECT_EQ(c_string_form.consume({.key = "c"}).response, "c");
+
+  idem::IdempotentConsumer optional_form(store, [](const Message& m) -> std::optional<std::string> {
+    if (m.key == "none") return std::nullopt;
+    return "some";
+  });
+  EXPECT_EQ(optional_form.consume({.key = "none"}).response, std::nullopt);
+  EXPECT_EQ(optional_form.consume({.key = "d"}).response, "some");
+
+  idem::IdempotentConsumer fenced_form(
+      store, [](const Message&, idem::FencingToken t) { return std::to_string(t.value); });
+  idem::Result r = fenced_form.consume({.key = "e"});
+  EXPECT_EQ(r.response, std::to_string(r.fencing_token));
+
+  struct FunctionObject {
+    int calls = 0;
+    void operator()(const Message&) { ++calls; }
+  };
+  idem::IdempotentConsumer object_form(store, FunctionObject{});
+  object_form.consume({.key = "f"});
+  object_form.consume({.key = "f"});
+  EXPECT_EQ(object_form.handler().calls, 1);
+}
+
+TEST(Consumer, WorksThroughTheAbstractStore) {
+  idem::MemoryStore memory;
+  idem::DedupStore& store = memory;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {});
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::duplicate);
+}
+
+TEST(Consumer, PayloadVerificationCanBeTurnedOff) {
+  idem::MemoryStore store;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {}, {.verify_payload = false});
+  EXPECT_EQ(consumer.consume({.key = "k", .payload = "one"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "k", .payload = "two"}).outcome, Outcome::duplicate);
+}
+
+TEST(Consumer, MaxKeyBytesComesFromTheOptions) {
+  idem::MemoryStore store;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {}, {.max_key_bytes = 8});
+  EXPECT_EQ(consumer.consume({.key = "12345678"}).outcome, Outcome::processed);
+  try {
+    consumer.consume({.key = "123456789"});
+    FAIL();
+  } catch (const idem::InvalidMessage& e) {
+    EXPECT_STREQ(e.what(),
+                 "key is 9 bytes; max_key_bytes is 8: use a shorter biz-id (or a digest of it) "
+                 "or raise Options::max_key_bytes");
+  }
+}
+
+TEST(Consumer, UnreachableStoreThrowsAndNeverRunsTheHandler) {
+  FaultyStore store;
+  store.fail_claim = true;
+  int runs = 0;
+  idem::IdempotentConsumer consumer(store, [&](const Message&) { ++runs; });
+  EXPECT_THROW(consumer.consume({.key = "k"}), idem::StoreUnavailable);
+  std::vector<Message> batch{{.key = "a"}, {.key = "b"}};
+  EXPECT_THROW(consumer.consume_batch(batch), idem::StoreUnavailable);
+  EXPECT_EQ(runs, 0);
+  // Recovery is automatic once the store answers again.
+  store.fail_claim = false;
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::processed);
+}
+
+TEST(Consumer, ForeignBackendExceptionsBecomeStoreUnavailableWithAHint) {
+  FaultyStore store;
+  store.throw_foreign = true;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {});
+  try {
+    consumer.consume({.key = "k"});
+    FAIL();
+  } catch (const idem::StoreUnavailable& e) {
+    EXPECT_STREQ(e.what(),
+                 "faulty store failed: connection reset by peer; the message was not recorded "
+                 "as done: do not ack it, retry later");
+  }
+}
+
+TEST(Consumer, StoreFailingAfterTheHandlerThrowsSoTheMessageIsNotAcked) {
+  FaultyStore store;
+  store.fail_complete = true;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {});
+  EXPECT_THROW(consumer.consume({.key = "k"}), idem::StoreUnavailable);
+}
+
+TEST(Consumer, ALostLeaseStillCountsAsProcessed) {
+  FaultyStore store;
+  store.refuse_complete = true;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {});
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::processed);
+}
+
+TEST(Consumer, HandlerFailureReleasesTheClaimOnce) {
+  FaultyStore store;
+  idem::IdempotentConsumer consumer(store,
+                                    [](const Message&) { throw std::runtime_error("boom"); });
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::failed);
+  EXPECT_EQ(store.releases, 1);
+  EXPECT_EQ(store.completes, 0);
+}
+
+TEST(Consumer, BatchClaimsInOneCallAndRepeatsAfterward) {
+  FaultyStore store;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {});
+  std::vector<Message> batch{{.key = "a"}, {.key = "b"}, {.key = "a"}};
+  std::vector<idem::Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(store.batch_claims, 1);
+  EXPECT_EQ(results[2].outcome, Outcome::duplicate);
+}
+
+TEST(Consumer, RethrowInABatchHappensAfterTheOthersAreRecorded) {
+  idem::MemoryStore store;
+  int runs = 0;
+  idem::IdempotentConsumer consumer(store,
+                                    [&](const Message& m) {
+                                      ++runs;
+                                      if (m.key == "bad") throw std::runtime_error("boom");
+                                    },
+                                    {.rethrow_handler_errors = true});
+  std::vector<Message> batch{{.key = "bad"}, {.key = "good"}};
+  EXPECT_THROW(consumer.consume_batch(batch), std::runtime_error);
+  EXPECT_EQ(consumer.consume({.key = "good"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(runs, 2);
+}
+
+TEST(Outcome, OnlyProcessedAndDuplicateAreAcked) {
+  EXPECT_TRUE(idem::should_ack(Outcome::processed));
+  EXPECT_TRUE(idem::should_ack(Outcome::duplicate));
+  EXPECT_FALSE(idem::should_ack(Outcome::in_progress));
+  EXPECT_FALSE(idem::should_ack(Outcome::conflict));
+  EXPECT_FALSE(idem::should_ack(Outcome::failed));
+  EXPECT_EQ(idem::to_string(Outcome::in_progress), "in_progress");
+}
+
+}  // namespace
