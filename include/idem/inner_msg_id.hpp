@@ -13,6 +13,8 @@
 #include <string>
 #include <string_view>
 
+#include "idem/clock.hpp"
+
 namespace idem {
 
 /// @brief A 128-bit RFC 9562 UUIDv7. Assigned once per logical message and reused on every
@@ -52,26 +54,27 @@ class InnerMsgId {
 ///
 /// Thread-safe: every next() is strictly greater than every id this generator returned
 /// before it, even when the wall clock steps back (the counter then carries on from the last
-/// id until the clock catches up).
+/// id until the clock catches up). When more than 2^22 ids are asked for within one
+/// millisecond the counter carries into the timestamp, which then runs ahead of the clock.
+/// Ids are unique across generators, threads and forked processes through the random bits.
+/// Timestamps are representable until 2109 (42 bits of milliseconds in the internal state).
 class InnerMsgIdGenerator {
  public:
+  /// @brief Reads CLOCK_REALTIME directly.
   InnerMsgIdGenerator() noexcept = default;
+  /// @brief Reads clock, which must return Unix milliseconds and outlive the generator;
+  /// for tests that freeze the clock or step it back (see ManualClock).
+  explicit InnerMsgIdGenerator(const Clock& clock) noexcept : clock_(&clock) {}
   InnerMsgIdGenerator(const InnerMsgIdGenerator&) = delete;
   InnerMsgIdGenerator& operator=(const InnerMsgIdGenerator&) = delete;
 
   /// @brief The next id.
   InnerMsgId next() noexcept;
 
- protected:
-  /// @brief Wall clock in Unix milliseconds; virtual so tests can step it back.
-  virtual std::uint64_t now_unix_ms() const noexcept;
-
- public:
-  virtual ~InnerMsgIdGenerator() = default;
-
  private:
-  // (unix_ms << 22) | counter of the last id handed out.
-  std::atomic<std::uint64_t> last_{0};
+  // (unix_ms << 22) | counter of the last id handed out. Own cache line: every next() writes it.
+  alignas(64) std::atomic<std::uint64_t> last_{0};
+  const Clock* clock_ = nullptr;  // nullptr: CLOCK_REALTIME without a virtual call
 };
 
 }  // namespace idem
