@@ -202,8 +202,13 @@ Claim MemoryStore::do_claim(const ClaimRequest& request) {
   const State state = request.mark_done ? State::done : State::in_progress;
 
   std::lock_guard lock(s.mutex);
-  Entry* e = s.find(key);
-  if (e != nullptr && e->live(now)) {
+  // One probe finds the record or makes the slot for a new one.
+  bool fresh = false;
+  Entry* e = *s.entries.lazy_emplace(key, [&](const auto& construct) {
+    fresh = true;
+    construct(Entry::make(request.key));
+  });
+  if (!fresh && e->live(now)) {
     if (!compatible(e->fingerprint, fingerprint)) return Claim{.status = ClaimStatus::conflict};
     if (e->state == State::in_progress) return Claim{.status = ClaimStatus::in_progress};
     Claim claim{.status = ClaimStatus::done};
@@ -212,10 +217,7 @@ Claim MemoryStore::do_claim(const ClaimRequest& request) {
   }
 
   Claim claim{.status = ClaimStatus::acquired, .token = ++s.last_token};
-  const bool fresh = e == nullptr;
   if (fresh) {
-    e = Entry::make(request.key);
-    s.entries.insert(e);
     s.push_back(e);
     s.bytes += record_bytes(e->key_size);
   } else {
