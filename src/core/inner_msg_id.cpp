@@ -29,9 +29,10 @@ constexpr std::array<std::uint8_t, 256> make_hex_table() {
 }
 constexpr std::array<std::uint8_t, 256> kHexValue = make_hex_table();
 
-constexpr bool is_hyphen_position(std::size_t i) {
-  return i == 8 || i == 13 || i == 18 || i == 23;
-}
+// Where the 32 hex digits sit in the 36 characters (hyphens at 8, 13, 18 and 23).
+constexpr std::uint8_t kDigitPos[32] = {0,  1,  2,  3,  4,  5,  6,  7,  9,  10, 11,
+                                        12, 14, 15, 16, 17, 19, 20, 21, 22, 24, 25,
+                                        26, 27, 28, 29, 30, 31, 32, 33, 34, 35};
 
 // Bumped in every forked child, so a child's threads reseed instead of replaying the
 // parent's random stream. Starts at 1 so a zero-initialised thread state seeds on first use.
@@ -112,38 +113,31 @@ std::string InnerMsgId::to_string() const {
 }
 
 void InnerMsgId::write_to(char* out) const noexcept {
-  int shift = 124;
-  for (std::size_t i = 0; i < 36; ++i) {
-    if (is_hyphen_position(i)) {
-      out[i] = '-';
-      continue;
-    }
-    const std::uint64_t half = shift >= 64 ? high_ : low_;
-    out[i] = kHexDigits[(half >> (shift & 63)) & 0xF];
-    shift -= 4;
+  out[8] = out[13] = out[18] = out[23] = '-';
+  for (int i = 0; i < 16; ++i) {
+    out[kDigitPos[i]] = kHexDigits[(high_ >> (60 - 4 * i)) & 0xF];
+    out[kDigitPos[16 + i]] = kHexDigits[(low_ >> (60 - 4 * i)) & 0xF];
   }
 }
 
 std::optional<InnerMsgId> InnerMsgId::parse(std::string_view text) noexcept {
   if (text.size() != 36) return std::nullopt;
-  std::uint64_t halves[2] = {0, 0};
-  std::size_t digit = 0;
-  for (std::size_t i = 0; i < 36; ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    if (is_hyphen_position(i)) {
-      if (c != '-') return std::nullopt;
-      continue;
-    }
-    const std::uint8_t v = kHexValue[c];
-    if (v == 0xFF) return std::nullopt;
-    std::uint64_t& half = halves[digit / 16];
-    half = (half << 4) | v;
-    ++digit;
+  if (text[8] != '-' || text[13] != '-' || text[18] != '-' || text[23] != '-') return std::nullopt;
+  // OR all digit values together and test once: 0xFF (not hex) is the only value above 15.
+  std::uint8_t bad = 0;
+  std::uint64_t high = 0;
+  std::uint64_t low = 0;
+  for (int i = 0; i < 16; ++i) {
+    const std::uint8_t h = kHexValue[static_cast<unsigned char>(text[kDigitPos[i]])];
+    const std::uint8_t l = kHexValue[static_cast<unsigned char>(text[kDigitPos[16 + i]])];
+    bad |= h | l;
+    high = (high << 4) | (h & 0xF);
+    low = (low << 4) | (l & 0xF);
   }
-  const InnerMsgId id(halves[0], halves[1]);
-  if (((id.high_ >> 12) & 0xF) != 7) return std::nullopt;  // version
-  if ((id.low_ >> 62) != 0b10) return std::nullopt;        // variant
-  return id;
+  if (bad > 0xF) return std::nullopt;
+  if (((high >> 12) & 0xF) != 7) return std::nullopt;  // version
+  if ((low >> 62) != 0b10) return std::nullopt;        // variant
+  return InnerMsgId(high, low);
 }
 
 std::array<std::byte, 16> InnerMsgId::bytes() const noexcept {
