@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <array>
+#include <atomic>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -193,6 +195,81 @@ TEST(Outcome, OnlyProcessedAndDuplicateAreAcked) {
   EXPECT_FALSE(idem::should_ack(Outcome::conflict));
   EXPECT_FALSE(idem::should_ack(Outcome::failed));
   EXPECT_EQ(idem::to_string(Outcome::in_progress), "in_progress");
+}
+
+}  // namespace
+
+namespace {
+
+class CountingMetrics final : public idem::Metrics {
+ public:
+  std::array<std::atomic<std::uint64_t>, idem::kCounterCount> counters{};
+  std::array<std::atomic<std::uint64_t>, idem::kTimingCount> timings{};
+  void add(idem::Counter c, std::uint64_t n) noexcept override {
+    counters[static_cast<int>(c)] += n;
+  }
+  void observe(idem::Timing t, std::chrono::nanoseconds) noexcept override {
+    timings[static_cast<int>(t)] += 1;
+  }
+  std::uint64_t operator[](idem::Counter c) const { return counters[static_cast<int>(c)]; }
+  std::uint64_t operator[](idem::Timing t) const { return timings[static_cast<int>(t)]; }
+};
+
+class RecordingLogger final : public idem::Logger {
+ public:
+  std::vector<std::string> lines;
+  void log(idem::LogLevel, std::string_view line) noexcept override { lines.emplace_back(line); }
+};
+
+TEST(ConsumerMetrics, CountsEveryOutcomeAndTimesStoreAndHandler) {
+  idem::ManualClock clock;
+  idem::MemoryStore store({.clock = &clock});
+  CountingMetrics metrics;
+  RecordingLogger logger;
+  idem::IdempotentConsumer consumer(store,
+                                    [](const Message& m) {
+                                      if (m.key == "bad")
+                                        throw std::runtime_error("card service down");
+                                    },
+                                    {.lease = 1000ms, .metrics = &metrics, .logger = &logger});
+  consumer.consume({.key = "a", .payload = "1"});
+  consumer.consume({.key = "a", .payload = "1"});
+  consumer.consume({.key = "a", .payload = "2"});
+  consumer.consume({.key = "bad"});
+  ASSERT_EQ(store.claim({.key = "held", .lease = 1000ms}).status, idem::ClaimStatus::acquired);
+  consumer.consume({.key = "held"});
+  clock.advance(2000);
+  consumer.consume({.key = "held"});
+  std::vector<Message> batch{{.key = "b"}, {.key = "b"}, {.key = "c"}};
+  consumer.consume_batch(batch);
+
+  EXPECT_EQ(metrics[idem::Counter::processed], 4u);  // a, held (taken over), b, c
+  EXPECT_EQ(metrics[idem::Counter::duplicate], 2u);  // a, b
+  EXPECT_EQ(metrics[idem::Counter::conflict], 1u);
+  EXPECT_EQ(metrics[idem::Counter::failed], 1u);
+  EXPECT_EQ(metrics[idem::Counter::in_progress], 1u);
+  EXPECT_EQ(metrics[idem::Counter::lease_takeovers], 1u);
+  EXPECT_EQ(metrics[idem::Timing::handler], 5u);
+  EXPECT_GE(metrics[idem::Timing::store_claim], 7u);
+  ASSERT_EQ(logger.lines.size(), 1u);
+  EXPECT_NE(logger.lines[0].find("card service down"), std::string::npos) << logger.lines[0];
+}
+
+TEST(ConsumerMetrics, CountsStoreErrorsAndLostLeases) {
+  FaultyStore store;
+  CountingMetrics metrics;
+  RecordingLogger logger;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {},
+                                    {.metrics = &metrics, .logger = &logger});
+  store.fail_claim = true;
+  EXPECT_THROW(consumer.consume({.key = "k"}), idem::StoreUnavailable);
+  store.fail_claim = false;
+  store.refuse_complete = true;
+  consumer.consume({.key = "k2"});
+  EXPECT_EQ(metrics[idem::Counter::store_errors], 1u);
+  EXPECT_EQ(metrics[idem::Counter::lease_lost], 1u);
+  ASSERT_EQ(logger.lines.size(), 2u);
+  EXPECT_NE(logger.lines[1].find("raise Options::lease"), std::string::npos);
 }
 
 }  // namespace

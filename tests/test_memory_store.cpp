@@ -109,3 +109,30 @@ TEST(MemoryStore, StoredResponsesCountAgainstBytesAndAreFreed) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(MemoryStore, InspectAndStatsSummaryForOperators) {
+  idem::ManualClock clock;
+  MemoryStore store({.clock = &clock});
+  idem::Claim c = store.claim(request("k"));
+  std::optional<idem::RecordInfo> held = store.inspect("k");
+  ASSERT_TRUE(held);
+  EXPECT_EQ(held->state, idem::RecordInfo::State::in_progress);
+  EXPECT_EQ(held->token, c.token);
+  EXPECT_EQ(held->expires_in_ms, 1000);
+  ASSERT_TRUE(store.complete({.key = "k", .token = c.token, .response = "r", .retention = 5000ms}));
+  std::optional<idem::RecordInfo> done = store.inspect("k");
+  EXPECT_EQ(done->state, idem::RecordInfo::State::done);
+  EXPECT_EQ(done->response, "r");
+  EXPECT_FALSE(store.inspect("absent"));
+  store.claim(request("other"));
+  idem::StoreStats summary = store.stats_summary();
+  EXPECT_EQ(summary.records, 2u);
+  EXPECT_EQ(summary.done, 1u);
+  EXPECT_EQ(summary.in_progress, 1u);
+  clock.advance(10'000);
+  EXPECT_EQ(store.purge_expired_records(100), 2u);
+}
+
+}  // namespace

@@ -2,6 +2,7 @@
 /// @file
 /// @brief idem::IdempotentConsumer: wraps a message handler so each biz-id takes effect once.
 
+#include <chrono>
 #include <cstddef>
 #include <exception>
 #include <optional>
@@ -19,6 +20,7 @@
 #include "idem/detail/invoke_handler.hpp"
 #include "idem/fingerprint.hpp"
 #include "idem/message.hpp"
+#include "idem/metrics.hpp"
 #include "idem/options.hpp"
 #include "idem/result.hpp"
 
@@ -74,14 +76,20 @@ class IdempotentConsumer {
   Result consume(const Message& message) {
     ClaimRequest request = request_for(message);
     if constexpr (detail::runs_in_transaction<Handler, Store>()) {
-      Result result = store_.consume_in_transaction(
-          request, [&](typename Store::Transaction& tx) -> std::optional<std::string> {
-            return detail::call_returning_response(handler_, message, tx);
-          });
+      Result result = guard_store([&] {
+        return store_.consume_in_transaction(
+            request, [&](typename Store::Transaction& tx) -> std::optional<std::string> {
+              return timed(Timing::handler,
+                           [&] { return detail::call_returning_response(handler_, message, tx); });
+            });
+      });
+      count(result);
       rethrow_if_asked(result);
       return result;
     } else {
-      return run_claimed(message, store_.claim(request));
+      Result result = run_claimed(message, claim(request));
+      rethrow_if_asked(result);
+      return result;
     }
   }
 
@@ -94,12 +102,16 @@ class IdempotentConsumer {
     requests.reserve(batch.size());
     for (const Message& message : batch) requests.push_back(request_for(message));
     if constexpr (detail::runs_in_transaction<Handler, Store>()) {
-      std::vector<Result> results = store_.consume_batch_in_transaction(
-          requests,
-          [&](std::size_t i, typename Store::Transaction& tx) -> std::optional<std::string> {
-            return detail::call_returning_response(handler_, batch[i], tx);
-          });
-      for (Result& result : results) rethrow_if_asked(result);
+      std::vector<Result> results = guard_store([&] {
+        return store_.consume_batch_in_transaction(
+            requests,
+            [&](std::size_t i, typename Store::Transaction& tx) -> std::optional<std::string> {
+              return timed(Timing::handler,
+                           [&] { return detail::call_returning_response(handler_, batch[i], tx); });
+            });
+      });
+      for (const Result& result : results) count(result);
+      for (const Result& result : results) rethrow_if_asked(result);
       return results;
     } else {
       return consume_batch_with_claims(batch, requests);
@@ -143,13 +155,15 @@ class IdempotentConsumer {
     ClaimGuard guard(store_, message.key, token);
     if (options_.mark == Mark::before_processing) guard.dismiss();
     try {
-      std::optional<std::string> response =
-          detail::invoke_handler(handler_, message, FencingToken{token});
+      std::optional<std::string> response = timed(Timing::handler, [&] {
+        return detail::invoke_handler(handler_, message, FencingToken{token});
+      });
       guard.dismiss();
       return Result{
           .outcome = Outcome::processed, .response = std::move(response), .fencing_token = token};
     } catch (...) {
       guard.release();
+      log_handler_failure(message);
       return Result{
           .outcome = Outcome::failed, .error = std::current_exception(), .fencing_token = token};
     }
@@ -169,13 +183,27 @@ class IdempotentConsumer {
   }
 
   Result run_claimed(const Message& message, Claim claim) {
-    if (std::optional<Result> early = settled(claim)) return std::move(*early);
-    Result result = run_handler(message, claim.token);
-    // A refused completion means our lease expired and another worker took over; the handler
-    // did succeed, so the message is still processed (the metrics count it).
-    if (needs_completion(result)) store_.complete(completion_for(message, result));
-    rethrow_if_asked(result);
+    Result result = settle_or_run(message, claim);
+    if (needs_completion(result)) {
+      const Completion completion = completion_for(message, result);
+      bool recorded = guard_store([&] {
+        return timed(Timing::store_complete, [&] { return store_.complete(completion); });
+      });
+      if (!recorded) note_lease_lost(message);
+    }
+    count(result);
     return result;
+  }
+
+  Result settle_or_run(const Message& message, Claim& claim) {
+    if (std::optional<Result> early = settled(claim)) return std::move(*early);
+    if (claim.took_over && options_.metrics) options_.metrics->add(Counter::lease_takeovers);
+    return run_handler(message, claim.token);
+  }
+
+  Claim claim(const ClaimRequest& request) {
+    return guard_store(
+        [&] { return timed(Timing::store_claim, [&] { return store_.claim(request); }); });
   }
 
   std::vector<Result> consume_batch_with_claims(std::span<const Message> batch,
@@ -191,31 +219,93 @@ class IdempotentConsumer {
     std::vector<ClaimRequest> first_requests;
     first_requests.reserve(firsts.size());
     for (std::size_t i : firsts) first_requests.push_back(requests[i]);
-    std::vector<Claim> claims = store_.claim_batch(first_requests);
+    std::vector<Claim> claims = guard_store([&] {
+      return timed(Timing::store_claim, [&] { return store_.claim_batch(first_requests); });
+    });
 
     std::vector<Result> results(batch.size());
     std::vector<Completion> completions;
     for (std::size_t n = 0; n < firsts.size(); ++n) {
       std::size_t i = firsts[n];
-      if (std::optional<Result> early = settled(claims[n])) {
-        results[i] = std::move(*early);
-        continue;
+      results[i] = settle_or_run(batch[i], claims[n]);
+      if (needs_completion(results[i])) {
+        completions.push_back(completion_for(batch[i], results[i]));
+      } else {
+        count(results[i]);
       }
-      results[i] = run_handler(batch[i], claims[n].token);
-      if (needs_completion(results[i])) completions.push_back(completion_for(batch[i], results[i]));
     }
-    if (!completions.empty()) store_.complete_batch(completions);
-    for (std::size_t i : repeats) {
-      Claim claim = store_.claim(requests[i]);
-      if (std::optional<Result> early = settled(claim)) {
-        results[i] = std::move(*early);
-        continue;
+    if (!completions.empty()) {
+      std::vector<bool> recorded = guard_store([&] {
+        return timed(Timing::store_complete, [&] { return store_.complete_batch(completions); });
+      });
+      for (std::size_t n = 0; n < completions.size(); ++n) {
+        if (!recorded[n]) note_lease_lost(Message{.key = completions[n].key});
+        if (options_.metrics) options_.metrics->add(Counter::processed);
       }
-      results[i] = run_handler(batch[i], claim.token);
-      if (needs_completion(results[i])) store_.complete(completion_for(batch[i], results[i]));
+    }
+    for (std::size_t i : repeats) {
+      results[i] = run_claimed(batch[i], claim(requests[i]));
     }
     for (const Result& result : results) rethrow_if_asked(result);
     return results;
+  }
+
+  // Runs f, timing it when metrics are on (no clock read otherwise).
+  template <class F>
+  auto timed(Timing timing, F&& f) -> decltype(f()) {
+    if (options_.metrics == nullptr) return f();
+    const auto start = std::chrono::steady_clock::now();
+    struct Observe {
+      Metrics* metrics;
+      Timing timing;
+      std::chrono::steady_clock::time_point start;
+      ~Observe() { metrics->observe(timing, std::chrono::steady_clock::now() - start); }
+    } observe{options_.metrics, timing, start};
+    return f();
+  }
+
+  // Runs a store call; counts and logs StoreUnavailable on its way out.
+  template <class F>
+  auto guard_store(F&& f) -> decltype(f()) {
+    try {
+      return f();
+    } catch (const StoreUnavailable& e) {
+      if (options_.metrics) options_.metrics->add(Counter::store_errors);
+      if (options_.logger) options_.logger->log(LogLevel::error, e.what());
+      throw;
+    }
+  }
+
+  static_assert(static_cast<int>(Counter::failed) == static_cast<int>(Outcome::failed),
+                "the first Counter values mirror Outcome");
+  void count(const Result& result) const {
+    if (options_.metrics == nullptr) return;
+    options_.metrics->add(static_cast<Counter>(static_cast<int>(result.outcome)));
+  }
+
+  void note_lease_lost(const Message& message) const {
+    if (options_.metrics) options_.metrics->add(Counter::lease_lost);
+    if (options_.logger) {
+      options_.logger->log(LogLevel::warning,
+                           "lease of a key expired before its handler finished (" +
+                               std::to_string(message.key.size()) +
+                               "-byte key); another worker may have run it too: raise "
+                               "Options::lease above your slowest handler");
+    }
+  }
+
+  void log_handler_failure(const Message& message) const {
+    if (options_.logger == nullptr) return;
+    std::string line = "handler failed for a " + std::to_string(message.key.size()) +
+                       "-byte key; the claim was released for a redelivery";
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      line += ": ";
+      line += e.what();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): non-std exceptions carry no text
+    }
+    options_.logger->log(LogLevel::warning, line);
   }
 
   void rethrow_if_asked(const Result& result) const {

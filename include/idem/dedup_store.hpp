@@ -4,7 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -12,6 +14,25 @@
 #include "idem/error.hpp"
 
 namespace idem {
+
+/// @brief What a store holds for one key, for operators (idemctl inspect).
+struct RecordInfo {
+  enum class State { in_progress, done, released };
+  State state = State::done;
+  std::uint64_t token = 0;
+  /// Milliseconds until the lease (in_progress) or retention (done) ends; <= 0: expired.
+  std::int64_t expires_in_ms = 0;
+  std::optional<std::string> response{};
+};
+
+/// @brief Store-wide numbers, for operators (idemctl stats). Unknown values stay 0.
+struct StoreStats {
+  std::uint64_t records = 0;
+  std::uint64_t in_progress = 0;
+  std::uint64_t done = 0;
+  std::uint64_t bytes = 0;
+  std::uint64_t evictions = 0;
+};
 
 /// @brief Throws InvalidMessage unless 1 <= key.size() <= max_key_bytes. Any bytes are allowed.
 /// @throws idem::InvalidMessage with a message that says what to change.
@@ -70,6 +91,22 @@ class DedupStore {
     return translate_errors([&] { return do_forget(key); });
   }
 
+  /// @brief The record of a key, or nullopt when there is none.
+  /// @throws idem::ConfigError when the backend cannot inspect.
+  std::optional<RecordInfo> inspect(std::string_view key) {
+    return translate_errors([&] { return do_inspect(key); });
+  }
+
+  /// @brief Store-wide counts. @throws idem::ConfigError when the backend cannot count.
+  StoreStats stats_summary() {
+    return translate_errors([&] { return do_stats_summary(); });
+  }
+
+  /// @brief Drops up to max_records expired records now; returns how many.
+  std::size_t purge_expired_records(std::size_t max_records) {
+    return translate_errors([&] { return do_purge_expired(max_records); });
+  }
+
   /// @brief Short backend name used in error messages, e.g. "redis".
   virtual std::string_view name() const noexcept = 0;
 
@@ -80,6 +117,10 @@ class DedupStore {
   virtual bool do_forget(std::string_view key) = 0;
   virtual std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests);
   virtual std::vector<bool> do_complete_batch(std::span<const Completion> completions);
+  // Operator hooks; the defaults say the backend does not support them.
+  virtual std::optional<RecordInfo> do_inspect(std::string_view key);
+  virtual StoreStats do_stats_summary();
+  virtual std::size_t do_purge_expired(std::size_t max_records);
 
  private:
   template <class F>
@@ -93,6 +134,9 @@ class DedupStore {
     }
   }
   [[noreturn]] void throw_unavailable(const char* what) const;
+
+ protected:
+  [[noreturn]] void throw_unsupported(std::string_view operation) const;
 };
 
 /// @brief Releases a claim when it goes out of scope unless dismissed; never throws (a claim

@@ -11,6 +11,7 @@
 #include "idem/fingerprint.hpp"
 #include "idem/inner_msg_id.hpp"
 #include "idem/message.hpp"
+#include "idem/metrics.hpp"
 #include "idem/options.hpp"
 #include "idem/outcome.hpp"
 #include "idem/result.hpp"

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cstddef>
 
+#include "idem/metrics.hpp"
+
 namespace idem {
 
 /// @brief When the key is recorded as done relative to running the handler.
@@ -32,6 +34,11 @@ struct Options {
   /// Let handler exceptions escape consume() (after the claim is released) instead of
   /// returning Outcome::failed.
   bool rethrow_handler_errors = false;
+  /// Counters and latencies go here when set (e.g. an idem::PrometheusMetrics). Must outlive
+  /// the consumer. nullptr: nothing is measured, no clock is read.
+  Metrics* metrics = nullptr;
+  /// Store errors, lost leases and handler failures are logged here when set. nullptr: silent.
+  Logger* logger = nullptr;
 };
 
 }  // namespace idem

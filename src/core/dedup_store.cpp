@@ -44,6 +44,21 @@ std::vector<bool> DedupStore::do_complete_batch(std::span<const Completion> comp
   return done;
 }
 
+std::optional<RecordInfo> DedupStore::do_inspect(std::string_view) {
+  throw_unsupported("inspect");
+}
+StoreStats DedupStore::do_stats_summary() {
+  throw_unsupported("stats");
+}
+std::size_t DedupStore::do_purge_expired(std::size_t) {
+  throw_unsupported("purge-expired");
+}
+
+void DedupStore::throw_unsupported(std::string_view operation) const {
+  throw ConfigError("the " + std::string(name()) + " store does not support " +
+                    std::string(operation));
+}
+
 void DedupStore::throw_unavailable(const char* what) const {
   throw StoreUnavailable(std::string(name()) + " store failed: " + what +
                          "; the message was not recorded as done: do not ack it, retry later");

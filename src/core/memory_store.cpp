@@ -17,6 +17,7 @@
 namespace idem {
 namespace {
 
+// Same order as RecordInfo::State.
 enum class State : std::uint8_t { in_progress, done, released };
 
 // One record, allocated as a single block with its key bytes right after it, so a record of a
@@ -271,6 +272,34 @@ bool MemoryStore::do_forget(std::string_view key_bytes) {
   s.drop_response(e);
   e->has_response = false;
   return true;
+}
+
+std::optional<RecordInfo> MemoryStore::do_inspect(std::string_view key_bytes) {
+  const HashedKey key = impl_->hashed(key_bytes);
+  Shard& s = impl_->shard_of(key);
+  std::lock_guard lock(s.mutex);
+  const Entry* e = s.find(key);
+  if (e == nullptr) return std::nullopt;
+  RecordInfo info{.state = static_cast<RecordInfo::State>(e->state),
+                  .token = e->token,
+                  .expires_in_ms = e->deadline - impl_->clock->now_ms()};
+  if (e->has_response) info.response = s.responses.find(e)->second;
+  return info;
+}
+
+StoreStats MemoryStore::do_stats_summary() {
+  StoreStats summary;
+  for (Shard& s : impl_->shards) {
+    std::lock_guard lock(s.mutex);
+    summary.records += s.entries.size();
+    summary.bytes += s.bytes;
+    summary.evictions += s.evictions;
+    for (const Entry* e : s.entries) {
+      summary.in_progress += e->state == State::in_progress;
+      summary.done += e->state == State::done;
+    }
+  }
+  return summary;
 }
 
 std::size_t MemoryStore::purge_expired(std::size_t max_records) {

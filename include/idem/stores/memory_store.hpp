@@ -54,6 +54,11 @@ class MemoryStore final : public DedupStore {
   bool do_complete(const Completion& completion) override;
   bool do_release(std::string_view key, std::uint64_t token) override;
   bool do_forget(std::string_view key) override;
+  std::optional<RecordInfo> do_inspect(std::string_view key) override;
+  StoreStats do_stats_summary() override;
+  std::size_t do_purge_expired(std::size_t max_records) override {
+    return purge_expired(max_records);
+  }
 
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -1,0 +1,55 @@
+#pragma once
+/// @file
+/// @brief idem::Metrics and idem::Logger: the hooks a consumer reports to. Both default to
+/// nothing; idem::PrometheusMetrics and idem::StderrLogger are ready implementations.
+
+#include <chrono>
+#include <cstdint>
+#include <string_view>
+
+namespace idem {
+
+/// @brief What the consumer counts.
+enum class Counter {
+  processed,        ///< Outcome::processed
+  duplicate,        ///< Outcome::duplicate
+  in_progress,      ///< Outcome::in_progress
+  conflict,         ///< Outcome::conflict
+  failed,           ///< Outcome::failed (handler threw)
+  store_errors,     ///< the store threw StoreUnavailable
+  lease_takeovers,  ///< a claim taken over from a holder whose lease expired
+  lease_lost,       ///< complete() refused: our lease expired and another worker took over
+};
+inline constexpr int kCounterCount = 8;
+
+/// @brief What the consumer times.
+enum class Timing {
+  store_claim,     ///< one claim (or a batch's claim round)
+  store_complete,  ///< one complete (or a batch's completion round)
+  handler,         ///< one handler call
+};
+inline constexpr int kTimingCount = 3;
+
+std::string_view to_string(Counter counter) noexcept;
+std::string_view to_string(Timing timing) noexcept;
+
+/// @brief Receives counters and latencies. Implementations must be thread-safe and cheap:
+/// they are called on the message path.
+class Metrics {
+ public:
+  virtual ~Metrics() = default;
+  virtual void add(Counter counter, std::uint64_t n = 1) noexcept = 0;
+  virtual void observe(Timing timing, std::chrono::nanoseconds elapsed) noexcept = 0;
+};
+
+/// @brief Severity of a log line.
+enum class LogLevel { debug, info, warning, error };
+
+/// @brief Receives the few events worth a line (store errors, lost leases, handler failures).
+class Logger {
+ public:
+  virtual ~Logger() = default;
+  virtual void log(LogLevel level, std::string_view line) noexcept = 0;
+};
+
+}  // namespace idem
