@@ -1,0 +1,117 @@
+#pragma once
+/// @file
+/// @brief idem::RedisStore: a DedupStore shared by many processes and machines through Redis
+/// (a single server or a Redis Cluster). Link idem::redis.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "idem/dedup_store.hpp"
+
+struct redisContext;  // hiredis; only the sources include <hiredis/hiredis.h>
+
+namespace idem {
+
+/// @brief Where and how a RedisStore connects. A plain struct: every field has a default.
+struct RedisOptions {
+  /// Server host name or address (a seed node when cluster is set).
+  std::string host = "127.0.0.1";
+  /// TCP port.
+  int port = 6379;
+  /// Path of a Unix socket; when non-empty it is used instead of host and port.
+  std::string unix_socket{};
+  /// ACL user name; empty: the "default" user (plain `AUTH password`).
+  std::string user{};
+  /// Password; empty: no AUTH.
+  std::string password{};
+  /// Logical database (SELECT); must be 0 with a cluster.
+  int db = 0;
+  /// Prepended to every key the store writes: records are `<prefix>k:<key>`, token counters
+  /// `<prefix>t:{<tag>}`. Must not contain '{' or '}' (the key's own hash tag must decide its
+  /// slot).
+  std::string key_prefix = "idem:";
+  /// Longest wait for a TCP/Unix connect (and the AUTH/SELECT/SCRIPT LOAD handshake).
+  std::chrono::milliseconds connect_timeout{std::chrono::seconds{1}};
+  /// Longest wait for one reply (a pipeline waits at most this long per reply read).
+  /// A timed-out connection is closed; the call reports idem::StoreUnavailable.
+  std::chrono::milliseconds command_timeout{std::chrono::seconds{1}};
+  /// Connections per Redis node, shared by all threads using the store.
+  std::size_t pool_size = 8;
+  /// Longest wait for a free pooled connection when all pool_size are busy.
+  std::chrono::milliseconds pool_wait_timeout{std::chrono::seconds{1}};
+  /// After a failed connect, further connects to that node are refused (fast
+  /// idem::StoreUnavailable) for a backoff that doubles from reconnect_backoff_min up to
+  /// reconnect_backoff_max, and resets on the first success.
+  std::chrono::milliseconds reconnect_backoff_min{std::chrono::milliseconds{20}};
+  std::chrono::milliseconds reconnect_backoff_max{std::chrono::seconds{1}};
+  /// Treat host:port as a seed of a Redis Cluster: route by hash slot, follow MOVED/ASK.
+  bool cluster = false;
+  /// Most MOVED/ASK/TRYAGAIN/reconnect rounds one cluster call makes before it gives up.
+  std::size_t max_redirects = 16;
+  /// Most keys one claim or completion script call carries (bounds how long Redis is busy).
+  std::size_t max_keys_per_call = 128;
+};
+
+/// @brief Counters of a RedisStore since construction.
+struct RedisStoreStats {
+  std::uint64_t round_trips = 0;   ///< pipelines written and read (one per node per call)
+  std::uint64_t commands = 0;      ///< Redis commands sent (a script call counts once)
+  std::uint64_t redirects = 0;     ///< MOVED and ASK replies followed
+  std::uint64_t reconnects = 0;    ///< connections opened
+  std::uint64_t script_loads = 0;  ///< SCRIPT LOADs, including reloads after NOSCRIPT
+};
+
+/// @brief DedupStore on Redis >= 6.2 (single server or Redis Cluster).
+///
+/// One claim or completion is one Lua script call (EVALSHA) and one round trip; a batch is
+/// one script call per group of keys (per hash slot in a cluster), all pipelined, so a
+/// batch costs one round trip per node. Records expire by themselves (PX): in-progress after
+/// the lease (plus an equal grace to detect takeovers), done after the retention.
+/// Fencing tokens come from INCR on a per-hash-slot counter, so they strictly increase per
+/// key across releases, expiries and takeovers. See docs/stores/redis.md.
+///
+/// Thread-safe. Connects lazily: a wrong address or password is reported by the first call
+/// (or by ping()) as idem::StoreUnavailable saying what to fix.
+class RedisStore final : public DedupStore {
+ public:
+  /// @throws idem::ConfigError for unusable options (bad prefix, pool_size 0, db with cluster).
+  explicit RedisStore(RedisOptions options = {});
+  ~RedisStore() override;
+
+  /// @brief Connects (if needed) and sends PING to every known node.
+  /// @throws idem::StoreUnavailable saying what is wrong (refused, timeout, auth, not Redis).
+  void ping();
+
+  /// @brief Runs f with a pooled, connected, authenticated hiredis context of the node that
+  /// owns `routing_key` (the seed node when empty). The escape hatch for anything the store
+  /// does not wrap; do not keep the pointer after f returns.
+  /// @throws idem::StoreUnavailable when no connection can be made.
+  void with_connection(std::string_view routing_key, const std::function<void(redisContext*)>& f);
+
+  /// @brief The Redis key of a record (key_prefix + "k:" + key), for an operator's inspection.
+  std::string record_key(std::string_view key) const;
+
+  RedisStoreStats stats() const;
+  const RedisOptions& options() const noexcept;
+  std::string_view name() const noexcept override { return "redis"; }
+
+ private:
+  Claim do_claim(const ClaimRequest& request) override;
+  bool do_complete(const Completion& completion) override;
+  bool do_release(std::string_view key, std::uint64_t token) override;
+  bool do_forget(std::string_view key) override;
+  std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests) override;
+  std::vector<bool> do_complete_batch(std::span<const Completion> completions) override;
+
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace idem

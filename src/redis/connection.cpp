@@ -1,0 +1,453 @@
+#include "connection.hpp"
+
+#include <pthread.h>
+#include <sys/time.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <ctime>
+#include <string>
+#include <thread>
+
+#include "idem/error.hpp"
+
+namespace idem::redis_detail {
+namespace {
+
+timeval to_timeval(std::chrono::milliseconds ms) {
+  if (ms.count() <= 0) ms = std::chrono::milliseconds{1};
+  return timeval{.tv_sec = static_cast<time_t>(ms.count() / 1000),
+                 .tv_usec = static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+// hiredis writes with write(2): a peer that vanished would raise SIGPIPE and kill the process.
+// A library must not change the process's signal disposition, so SIGPIPE is blocked in this
+// thread while we talk to Redis and a SIGPIPE we caused is consumed before unblocking.
+class SigpipeGuard {
+ public:
+  SigpipeGuard() noexcept {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    sigset_t pending;
+    sigpending(&pending);
+    was_pending_ = sigismember(&pending, SIGPIPE) == 1;
+    if (!was_pending_) blocked_ = pthread_sigmask(SIG_BLOCK, &pipe_, &old_) == 0;
+  }
+  ~SigpipeGuard() {
+    if (!blocked_) return;
+    sigset_t pending;
+    sigpending(&pending);
+    if (sigismember(&pending, SIGPIPE) == 1) {
+      timespec zero{0, 0};
+      while (sigtimedwait(&pipe_, nullptr, &zero) == -1 && errno == EINTR) {
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  SigpipeGuard(const SigpipeGuard&) = delete;
+  SigpipeGuard& operator=(const SigpipeGuard&) = delete;
+
+ private:
+  sigset_t pipe_{}, old_{};
+  bool was_pending_ = false;
+  bool blocked_ = false;
+};
+
+bool starts_with(std::string_view s, std::string_view prefix) {
+  return s.substr(0, prefix.size()) == prefix;
+}
+
+}  // namespace
+
+std::string Endpoint::text() const {
+  return unix_socket.empty() ? host + ":" + std::to_string(port) : "unix:" + unix_socket;
+}
+
+std::string reply_text(const redisReply* reply) {
+  if (reply == nullptr) return "no reply";
+  if (reply->type == REDIS_REPLY_ERROR || reply->type == REDIS_REPLY_STATUS ||
+      reply->type == REDIS_REPLY_STRING) {
+    return std::string(reply->str, reply->len);
+  }
+  return "unexpected reply type " + std::to_string(reply->type);
+}
+
+bool is_error(const redisReply* reply, std::string_view prefix) {
+  return reply != nullptr && reply->type == REDIS_REPLY_ERROR &&
+         starts_with(std::string_view(reply->str, reply->len), prefix);
+}
+
+// --- Scripts ---------------------------------------------------------------------------------
+//
+// Record value: <state:1><fingerprint:32 hex><token decimal>:<tail>
+//   state 'p' in progress, tail = lease ms (the record lives 2 x lease: the second half is the
+//              grace in which a claim can tell a takeover from a fresh claim)
+//   state 'd' done, tail empty;  state 'r' done, tail = stored response (binary)
+// Fingerprint all zeros = not fingerprinted, matches anything.
+// KEYS per claimed key: record, token counter (same hash slot). ARGV per key: fp, ttl, mark.
+// Reply: a flat array, two entries per key: code, data.
+//   1 acquired (data token), 5 acquired over an expired lease (data token),
+//   2 done (data response or nil), 3 in progress, 4 conflict.
+const std::string_view Scripts::claim = R"lua(
+local Z = '00000000000000000000000000000000'
+local out = {}
+for i = 1, #KEYS / 2 do
+  local rk, ck = KEYS[2 * i - 1], KEYS[2 * i]
+  local fp, ttl, mark = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local v = redis.call('GET', rk)
+  local took = 0
+  if v then
+    local st = string.sub(v, 1, 1)
+    local c = string.find(v, ':', 34, true)
+    if st == 'p' and redis.call('PTTL', rk) <= tonumber(string.sub(v, c + 1)) then
+      took = 1
+    else
+      local sfp = string.sub(v, 2, 33)
+      if fp ~= Z and sfp ~= Z and sfp ~= fp then
+        out[2 * i - 1] = 4; out[2 * i] = 0
+      elseif st == 'p' then
+        out[2 * i - 1] = 3; out[2 * i] = 0
+      elseif st == 'r' then
+        out[2 * i - 1] = 2; out[2 * i] = string.sub(v, c + 1)
+      else
+        out[2 * i - 1] = 2; out[2 * i] = false
+      end
+    end
+  end
+  if out[2 * i - 1] == nil then
+    local t = string.format('%d', redis.call('INCR', ck))
+    if mark == '1' then
+      redis.call('SET', rk, 'd' .. fp .. t .. ':', 'PX', ttl)
+    else
+      redis.call('SET', rk, 'p' .. fp .. t .. ':' .. ttl, 'PX', 2 * tonumber(ttl))
+    end
+    out[2 * i - 1] = 1 + 4 * took; out[2 * i] = tonumber(t)
+  end
+end
+return out
+)lua";
+
+// KEYS: records. ARGV per key: token, retention ms, has response ('0'/'1'), response.
+// Reply: array of 1 (completed) / 0 (the token no longer owns the key).
+const std::string_view Scripts::complete = R"lua(
+local out = {}
+for i = 1, #KEYS do
+  local rk = KEYS[i]
+  local tok, ret, has, resp = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
+  local v = redis.call('GET', rk)
+  out[i] = 0
+  if v then
+    local c = string.find(v, ':', 34, true)
+    if c and string.sub(v, 34, c - 1) == tok then
+      if has == '1' then
+        redis.call('SET', rk, 'r' .. string.sub(v, 2, c) .. resp, 'PX', ret)
+      else
+        redis.call('SET', rk, 'd' .. string.sub(v, 2, c), 'PX', ret)
+      end
+      out[i] = 1
+    end
+  end
+end
+return out
+)lua";
+
+// KEYS[1]: record. ARGV[1]: token. Deletes an in-progress record still owned by the token.
+const std::string_view Scripts::release = R"lua(
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' then return 0 end
+local c = string.find(v, ':', 34, true)
+if not c or string.sub(v, 34, c - 1) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+)lua";
+
+std::string_view Scripts::text_of(std::string_view sha) {
+  std::lock_guard lock(mutex);
+  if (sha == claim_sha) return claim;
+  if (sha == complete_sha) return complete;
+  if (sha == release_sha) return release;
+  return {};
+}
+
+// --- Pool ------------------------------------------------------------------------------------
+
+PooledConnection::~PooledConnection() {
+  if (node_ != nullptr && conn_) node_->give_back(std::move(conn_), false);
+}
+
+void PooledConnection::broken() noexcept {
+  if (node_ != nullptr && conn_) node_->give_back(std::move(conn_), true);
+}
+
+Node::Node(Endpoint endpoint, const RedisOptions& options, Scripts& scripts, Counters& counters)
+    : endpoint_(std::move(endpoint)), options_(options), scripts_(scripts), counters_(counters) {}
+
+Node::~Node() = default;
+
+PooledConnection Node::acquire() {
+  std::unique_lock lock(mutex_);
+  const auto deadline = std::chrono::steady_clock::now() + options_.pool_wait_timeout;
+  for (;;) {
+    while (!idle_.empty()) {
+      std::unique_ptr<Connection> conn = std::move(idle_.back());
+      idle_.pop_back();
+      // Opened before a failure on this node: probably dead too, do not hand it out.
+      if (conn->generation == generation_) return PooledConnection(this, std::move(conn));
+      --open_;
+    }
+    if (open_ < options_.pool_size) break;
+    if (available_.wait_until(lock, deadline) == std::cv_status::timeout && idle_.empty() &&
+        open_ >= options_.pool_size) {
+      throw StoreUnavailable("all " + std::to_string(options_.pool_size) +
+                             " connections to Redis at " + endpoint_.text() + " stayed busy for " +
+                             std::to_string(options_.pool_wait_timeout.count()) +
+                             " ms: raise RedisOptions::pool_size or pool_wait_timeout");
+    }
+  }
+  const auto now = std::chrono::steady_clock::now();
+  if (now < next_connect_) {
+    throw StoreUnavailable(
+        last_connect_error_ + " (next reconnect attempt in " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(next_connect_ - now).count()) +
+        " ms)");
+  }
+  ++open_;
+  lock.unlock();
+  try {
+    std::unique_ptr<Connection> conn = connect();
+    lock.lock();
+    backoff_ = std::chrono::milliseconds{0};
+    conn->generation = generation_;
+    return PooledConnection(this, std::move(conn));
+  } catch (const StoreUnavailable& e) {
+    lock.lock();
+    --open_;
+    backoff_ =
+        std::clamp(backoff_ * 2, options_.reconnect_backoff_min, options_.reconnect_backoff_max);
+    next_connect_ = std::chrono::steady_clock::now() + backoff_;
+    last_connect_error_ = e.what();
+    available_.notify_one();
+    throw;
+  }
+}
+
+void Node::give_back(std::unique_ptr<Connection> conn, bool broken) noexcept {
+  std::lock_guard lock(mutex_);
+  if (broken) {
+    ++generation_;
+    --open_;
+    conn.reset();
+  } else if (conn->generation != generation_) {
+    --open_;
+    conn.reset();
+  } else {
+    idle_.push_back(std::move(conn));
+  }
+  available_.notify_one();
+}
+
+std::unique_ptr<Connection> Node::connect() {
+  counters_.reconnects.fetch_add(1, std::memory_order_relaxed);
+  const timeval tv = to_timeval(options_.connect_timeout);
+  ContextPtr ctx(endpoint_.unix_socket.empty()
+                     ? redisConnectWithTimeout(endpoint_.host.c_str(), endpoint_.port, tv)
+                     : redisConnectUnixWithTimeout(endpoint_.unix_socket.c_str(), tv));
+  if (!ctx) throw StoreUnavailable("cannot allocate a hiredis context (out of memory)");
+  if (ctx->err != 0) {
+    std::string err = ctx->errstr;
+    std::string what = "cannot connect to Redis at " + endpoint_.text() + ": " + err;
+    if (err.find("refused") != std::string::npos || err.find("No such file") != std::string::npos) {
+      what +=
+          ": nothing listens there; is redis-server running, and are RedisOptions::host/port "
+          "(or unix_socket) right?";
+    } else if (err.find("timed out") != std::string::npos ||
+               err.find("temporarily unavailable") != std::string::npos) {
+      what += " after " + std::to_string(options_.connect_timeout.count()) +
+              " ms (RedisOptions::connect_timeout): check the address, firewalls and the network";
+    } else if (err.find("resolve") != std::string::npos || err.find("Name") != std::string::npos) {
+      what += ": check RedisOptions::host";
+    }
+    throw StoreUnavailable(what);
+  }
+  redisSetTimeout(ctx.get(), tv);
+  handshake(ctx.get());
+  redisSetTimeout(ctx.get(), to_timeval(options_.command_timeout));
+  auto conn = std::make_unique<Connection>();
+  conn->ctx = std::move(ctx);
+  return conn;
+}
+
+void Node::handshake(redisContext* ctx) {
+  SigpipeGuard sigpipe;
+  auto run = [&](Command cmd, std::string_view what) {
+    void* raw = redisCommandArgv(ctx, cmd.argc(), cmd.argv(), cmd.lens());
+    if (raw == nullptr) throw_io(ctx, what);
+    return ReplyPtr(static_cast<redisReply*>(raw));
+  };
+  if (!options_.password.empty()) {
+    Command auth{"AUTH"};
+    if (!options_.user.empty()) auth.add(options_.user);
+    auth.add(options_.password);
+    ReplyPtr reply = run(std::move(auth), "AUTH");
+    if (reply->type == REDIS_REPLY_ERROR) {
+      throw StoreUnavailable("Redis at " + endpoint_.text() + " refused the credentials (" +
+                             reply_text(reply.get()) +
+                             "): check RedisOptions::user and RedisOptions::password");
+    }
+  }
+  ReplyPtr pong = run(Command{"PING"}, "PING");
+  if (pong->type == REDIS_REPLY_ERROR) {
+    std::string text = reply_text(pong.get());
+    if (starts_with(text, "NOAUTH")) {
+      throw StoreUnavailable("Redis at " + endpoint_.text() + " requires authentication (" + text +
+                             "): set RedisOptions::password (and user for an ACL user)");
+    }
+    throw StoreUnavailable("Redis at " + endpoint_.text() + " answered PING with an error (" +
+                           text + ")");
+  }
+  if (pong->type != REDIS_REPLY_STATUS || reply_text(pong.get()) != "PONG") {
+    throw StoreUnavailable("the server at " + endpoint_.text() +
+                           " did not answer PING like Redis: check RedisOptions::host/port");
+  }
+  if (options_.db != 0) {
+    ReplyPtr reply = run(Command{"SELECT", std::to_string(options_.db)}, "SELECT");
+    if (reply->type == REDIS_REPLY_ERROR) {
+      throw StoreUnavailable("Redis at " + endpoint_.text() + " refused SELECT " +
+                             std::to_string(options_.db) + " (" + reply_text(reply.get()) +
+                             "): check RedisOptions::db");
+    }
+  }
+  std::string shas[3];
+  const std::string_view texts[3] = {Scripts::claim, Scripts::complete, Scripts::release};
+  for (int i = 0; i < 3; ++i) {
+    ReplyPtr reply = run(Command{"SCRIPT", "LOAD", texts[i]}, "SCRIPT LOAD");
+    counters_.script_loads.fetch_add(1, std::memory_order_relaxed);
+    if (reply->type != REDIS_REPLY_STRING) {
+      throw StoreUnavailable("Redis at " + endpoint_.text() + " refused SCRIPT LOAD (" +
+                             reply_text(reply.get()) +
+                             "): the store needs Lua scripting (EVALSHA, SCRIPT) allowed for its "
+                             "user; Redis >= 6.2 is required");
+    }
+    shas[i] = reply_text(reply.get());
+  }
+  std::lock_guard lock(scripts_.mutex);
+  scripts_.claim_sha = shas[0];
+  scripts_.complete_sha = shas[1];
+  scripts_.release_sha = shas[2];
+}
+
+void Node::throw_io(redisContext* ctx, std::string_view during) const {
+  const int saved_errno = errno;
+  std::string err = ctx->errstr;
+  std::string what =
+      "Redis at " + endpoint_.text() + " failed during " + std::string(during) + ": " + err;
+  if (ctx->err == REDIS_ERR_IO && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK ||
+                                   err.find("temporarily unavailable") != std::string::npos)) {
+    what = "no reply from Redis at " + endpoint_.text() + " to " + std::string(during) +
+           " within RedisOptions::command_timeout (" +
+           std::to_string(options_.command_timeout.count()) +
+           " ms): the server is overloaded, paused, unreachable, or not a Redis server";
+  } else if (ctx->err == REDIS_ERR_EOF) {
+    what += ": the server closed the connection (restarted, killed, or it is not Redis)";
+  } else if (ctx->err == REDIS_ERR_PROTOCOL) {
+    what = "the server at " + endpoint_.text() + " did not answer " + std::string(during) +
+           " like Redis (" + err + "): check RedisOptions::host/port";
+  } else if (ctx->err == REDIS_ERR_IO) {
+    what += ": the connection broke; Redis may be down or restarting";
+  }
+  throw StoreUnavailable(what);
+}
+
+std::vector<ReplyPtr> Node::exchange_once(std::span<Command* const> commands,
+                                          std::span<const bool> asking) {
+  PooledConnection conn = acquire();
+  redisContext* ctx = conn.get();
+  SigpipeGuard sigpipe;
+  for (std::size_t i = 0; i < commands.size(); ++i) {
+    if (!asking.empty() && asking[i]) {
+      static const char* asking_argv[] = {"ASKING"};
+      static const std::size_t asking_len[] = {6};
+      redisAppendCommandArgv(ctx, 1, asking_argv, asking_len);
+    }
+    if (redisAppendCommandArgv(ctx, commands[i]->argc(), commands[i]->argv(),
+                               commands[i]->lens()) != REDIS_OK) {
+      conn.broken();
+      throw StoreUnavailable("cannot format a Redis command (out of memory)");
+    }
+  }
+  counters_.round_trips.fetch_add(1, std::memory_order_relaxed);
+  counters_.commands.fetch_add(commands.size(), std::memory_order_relaxed);
+  std::vector<ReplyPtr> replies;
+  replies.reserve(commands.size());
+  for (std::size_t i = 0; i < commands.size(); ++i) {
+    void* raw = nullptr;
+    if (!asking.empty() && asking[i]) {
+      if (redisGetReply(ctx, &raw) != REDIS_OK) {
+        try {
+          throw_io(ctx, "ASKING");
+        } catch (...) {
+          conn.broken();
+          throw;
+        }
+      }
+      freeReplyObject(raw);
+      raw = nullptr;
+    }
+    if (redisGetReply(ctx, &raw) != REDIS_OK) {
+      try {
+        throw_io(ctx, commands[i]->arg(0) == "EVALSHA" ? "a script call" : commands[i]->arg(0));
+      } catch (...) {
+        conn.broken();
+        throw;
+      }
+    }
+    replies.emplace_back(static_cast<redisReply*>(raw));
+  }
+  return replies;
+}
+
+std::vector<ReplyPtr> Node::exchange(std::span<Command* const> commands,
+                                     std::span<const bool> asking) {
+  std::vector<ReplyPtr> replies = exchange_once(commands, asking);
+  // NOSCRIPT: the server lost its script cache (restart, SCRIPT FLUSH, failover). The command
+  // did not run; load the scripts on a fresh handshake and resend just those commands.
+  std::vector<std::size_t> again;
+  for (std::size_t i = 0; i < replies.size(); ++i) {
+    if (is_error(replies[i].get(), "NOSCRIPT")) again.push_back(i);
+  }
+  if (again.empty()) return replies;
+  {
+    PooledConnection conn = acquire();
+    SigpipeGuard sigpipe;
+    for (std::string_view text : {Scripts::claim, Scripts::complete, Scripts::release}) {
+      Command load{"SCRIPT", "LOAD", text};
+      void* raw = redisCommandArgv(conn.get(), load.argc(), load.argv(), load.lens());
+      if (raw == nullptr) {
+        try {
+          throw_io(conn.get(), "SCRIPT LOAD");
+        } catch (...) {
+          conn.broken();
+          throw;
+        }
+      }
+      freeReplyObject(raw);
+      counters_.script_loads.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  std::vector<Command*> resend;
+  std::vector<char> resend_asking_storage;
+  for (std::size_t i : again) {
+    resend.push_back(commands[i]);
+    resend_asking_storage.push_back(!asking.empty() && asking[i]);
+  }
+  std::unique_ptr<bool[]> resend_asking(new bool[again.size()]);
+  for (std::size_t n = 0; n < again.size(); ++n) resend_asking[n] = resend_asking_storage[n];
+  std::vector<ReplyPtr> second =
+      exchange_once(resend, std::span<const bool>(resend_asking.get(), again.size()));
+  for (std::size_t n = 0; n < again.size(); ++n) replies[again[n]] = std::move(second[n]);
+  return replies;
+}
+
+}  // namespace idem::redis_detail

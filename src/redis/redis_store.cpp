@@ -1,0 +1,623 @@
+#include "idem/stores/redis_store.hpp"
+
+#include <algorithm>
+#include <array>
+#include <charconv>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "cluster_slot.hpp"
+#include "connection.hpp"
+#include "idem/error.hpp"
+
+namespace idem {
+
+namespace redis_detail {
+
+const std::string& slot_tag(std::uint16_t slot) {
+  static const std::vector<std::string> tags = [] {
+    std::vector<std::string> t(kSlots);
+    std::size_t filled = 0;
+    static constexpr char kDigits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+    for (std::uint64_t n = 0; filled < kSlots; ++n) {
+      std::string s;
+      std::uint64_t v = n;
+      do {
+        s.push_back(kDigits[v % 36]);
+        v /= 36;
+      } while (v != 0);
+      const std::uint16_t hashed = static_cast<std::uint16_t>(crc16(s) & (kSlots - 1));
+      if (t[hashed].empty()) {
+        t[hashed] = std::move(s);
+        ++filled;
+      }
+    }
+    return t;
+  }();
+  return tags[slot];
+}
+
+}  // namespace redis_detail
+
+using redis_detail::Command;
+using redis_detail::Endpoint;
+using redis_detail::Node;
+using redis_detail::ReplyPtr;
+
+namespace {
+
+std::string hex_fingerprint(const Fingerprint& fp) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out(32, '0');
+  for (int i = 0; i < 16; ++i) {
+    out[15 - i] = kHex[(fp.high >> (4 * i)) & 0xf];
+    out[31 - i] = kHex[(fp.low >> (4 * i)) & 0xf];
+  }
+  return out;
+}
+
+std::string decimal(std::int64_t v) {
+  char buf[24];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  (void)ec;
+  return std::string(buf, end);
+}
+
+std::int64_t positive_ms(std::chrono::milliseconds ms) {
+  return std::max<std::int64_t>(1, ms.count());
+}
+
+// Store calls that fail say what the caller must do about the message.
+template <class F>
+auto advised(std::string_view advice, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const StoreUnavailable& e) {
+    throw StoreUnavailable("redis store failed: " + std::string(e.what()) + "; " +
+                           std::string(advice));
+  }
+}
+constexpr std::string_view kClaimAdvice =
+    "the message was not recorded as done: do not ack it, retry later";
+constexpr std::string_view kCompleteAdvice =
+    "the completion may not have been recorded: do not ack the message; its redelivery finds "
+    "the key done, or takes it over once the lease expires";
+
+[[noreturn]] void bad_reply(std::string_view what, const redisReply* reply) {
+  throw StoreUnavailable("Redis answered " + std::string(what) + " unexpectedly (" +
+                         redis_detail::reply_text(reply) + ")");
+}
+
+}  // namespace
+
+struct RedisStore::Impl {
+  explicit Impl(RedisOptions o) : options(std::move(o)) {
+    if (options.key_prefix.find_first_of("{}") != std::string::npos) {
+      throw ConfigError("RedisOptions::key_prefix \"" + options.key_prefix +
+                        "\" contains '{' or '}': the store places its own hash tags; use a "
+                        "prefix without braces");
+    }
+    if (options.pool_size == 0) throw ConfigError("RedisOptions::pool_size must be at least 1");
+    if (options.max_keys_per_call == 0) {
+      throw ConfigError("RedisOptions::max_keys_per_call must be at least 1");
+    }
+    if (options.cluster && options.db != 0) {
+      throw ConfigError("RedisOptions::db must be 0 with a Redis Cluster (it has only db 0)");
+    }
+    if (options.unix_socket.empty() && (options.port <= 0 || options.port > 65535)) {
+      throw ConfigError("RedisOptions::port " + std::to_string(options.port) +
+                        " is not a TCP port (1..65535)");
+    }
+    seed = Endpoint{options.host, options.port, options.unix_socket};
+    node_for(seed);
+    slot_owner.fill(0);
+  }
+
+  RedisOptions options;
+  redis_detail::Scripts scripts;
+  redis_detail::Counters counters;
+  Endpoint seed;
+
+  // Nodes are only added, never removed, so a Node& stays valid for the store's life.
+  std::shared_mutex topology_mutex;
+  std::vector<std::unique_ptr<Node>> nodes;                    // [0] is the seed
+  std::array<std::uint16_t, redis_detail::kSlots> slot_owner;  // index into nodes
+  bool have_map = false;
+  std::mutex refresh_mutex;
+
+  // --- keys ---------------------------------------------------------------------------------
+
+  std::string record_key(std::string_view key) const {
+    std::string k;
+    k.reserve(options.key_prefix.size() + 2 + key.size());
+    k.append(options.key_prefix).append("k:").append(key);
+    return k;
+  }
+  // The token counter of the record's hash slot: INCR there gives tokens that strictly
+  // increase for every key of the slot, and it lives in the same slot as the record, so one
+  // script may touch both in a cluster. Bounded: at most 16384 counters per prefix.
+  std::string counter_key(std::uint16_t slot) const {
+    return options.key_prefix + "t:{" + redis_detail::slot_tag(slot) + "}";
+  }
+
+  std::string claim_sha() {
+    std::lock_guard lock(scripts.mutex);
+    return scripts.claim_sha;
+  }
+  std::string complete_sha() {
+    std::lock_guard lock(scripts.mutex);
+    return scripts.complete_sha;
+  }
+  std::string release_sha() {
+    std::lock_guard lock(scripts.mutex);
+    return scripts.release_sha;
+  }
+  // The SHA1s are learnt on the first handshake; make one before building script calls.
+  void ensure_scripts() {
+    {
+      std::lock_guard lock(scripts.mutex);
+      if (!scripts.claim_sha.empty()) return;
+    }
+    Node& n = *nodes.front();
+    (void)n.acquire();
+  }
+
+  // --- topology -----------------------------------------------------------------------------
+
+  Node& node_for(const Endpoint& ep) {
+    {
+      std::shared_lock lock(topology_mutex);
+      for (auto& n : nodes) {
+        if (n->endpoint() == ep) return *n;
+      }
+    }
+    std::unique_lock lock(topology_mutex);
+    for (auto& n : nodes) {
+      if (n->endpoint() == ep) return *n;
+    }
+    nodes.push_back(std::make_unique<Node>(ep, options, scripts, counters));
+    return *nodes.back();
+  }
+  std::uint16_t node_index(const Endpoint& ep) {
+    Node& n = node_for(ep);
+    std::shared_lock lock(topology_mutex);
+    for (std::size_t i = 0; i < nodes.size(); ++i) {
+      if (nodes[i].get() == &n) return static_cast<std::uint16_t>(i);
+    }
+    return 0;
+  }
+
+  Node& owner_of(std::uint16_t slot) {
+    if (!options.cluster) return *nodes.front();
+    {
+      std::shared_lock lock(topology_mutex);
+      if (have_map) return *nodes[slot_owner[slot]];
+    }
+    refresh_map();
+    std::shared_lock lock(topology_mutex);
+    return *nodes[slot_owner[slot]];
+  }
+
+  // Reads CLUSTER SLOTS from the first node that answers (the seed first, then the others).
+  void refresh_map() {
+    std::lock_guard refresh(refresh_mutex);
+    std::vector<Node*> candidates;
+    {
+      std::shared_lock lock(topology_mutex);
+      for (auto& n : nodes) candidates.push_back(n.get());
+    }
+    std::string errors;
+    for (Node* n : candidates) {
+      try {
+        Command cmd{"CLUSTER", "SLOTS"};
+        Command* cmds[] = {&cmd};
+        std::vector<ReplyPtr> replies = n->exchange(cmds);
+        const redisReply* r = replies[0].get();
+        if (r->type != REDIS_REPLY_ARRAY) {
+          throw StoreUnavailable("CLUSTER SLOTS failed (" + redis_detail::reply_text(r) +
+                                 "): is RedisOptions::cluster set for a server that is not "
+                                 "in cluster mode?");
+        }
+        std::vector<std::pair<std::pair<long long, long long>, Endpoint>> ranges;
+        for (std::size_t i = 0; i < r->elements; ++i) {
+          const redisReply* range = r->element[i];
+          if (range->type != REDIS_REPLY_ARRAY || range->elements < 3) continue;
+          const redisReply* master = range->element[2];
+          if (master->type != REDIS_REPLY_ARRAY || master->elements < 2) continue;
+          std::string host(master->element[0]->str, master->element[0]->len);
+          if (host.empty()) host = n->endpoint().host;
+          ranges.push_back({{range->element[0]->integer, range->element[1]->integer},
+                            Endpoint{host, static_cast<int>(master->element[1]->integer), {}}});
+        }
+        std::vector<std::pair<std::pair<long long, long long>, std::uint16_t>> indexed;
+        for (auto& [span, ep] : ranges) indexed.push_back({span, node_index(ep)});
+        std::unique_lock lock(topology_mutex);
+        for (auto& [span, idx] : indexed) {
+          for (long long s = span.first; s <= span.second && s < redis_detail::kSlots; ++s) {
+            slot_owner[static_cast<std::size_t>(s)] = idx;
+          }
+        }
+        have_map = true;
+        return;
+      } catch (const StoreUnavailable& e) {
+        errors += std::string(errors.empty() ? "" : "; ") + e.what();
+      }
+    }
+    throw StoreUnavailable("cannot read the Redis Cluster slot map from any node: " + errors);
+  }
+
+  void set_owner(std::uint16_t slot, const Endpoint& ep) {
+    std::uint16_t idx = node_index(ep);
+    std::unique_lock lock(topology_mutex);
+    slot_owner[slot] = idx;
+  }
+
+  // --- running commands ---------------------------------------------------------------------
+
+  struct Call {
+    std::uint16_t slot = 0;
+    Command command;
+    ReplyPtr reply;
+  };
+
+  static bool parse_redirect(const redisReply* r, std::uint16_t& slot, Endpoint& ep) {
+    // "MOVED 3999 127.0.0.1:6381" / "ASK 3999 127.0.0.1:6381"
+    std::string_view text(r->str, r->len);
+    std::size_t a = text.find(' ');
+    std::size_t b = text.find(' ', a + 1);
+    if (a == std::string_view::npos || b == std::string_view::npos) return false;
+    std::string_view slot_text = text.substr(a + 1, b - a - 1);
+    std::string_view addr = text.substr(b + 1);
+    std::size_t colon = addr.rfind(':');
+    if (colon == std::string_view::npos) return false;
+    unsigned s = 0;
+    int port = 0;
+    std::from_chars(slot_text.data(), slot_text.data() + slot_text.size(), s);
+    std::from_chars(addr.data() + colon + 1, addr.data() + addr.size(), port);
+    slot = static_cast<std::uint16_t>(s);
+    ep = Endpoint{std::string(addr.substr(0, colon)), port, {}};
+    return true;
+  }
+
+  // Runs every call and fills its reply: one pipeline per node. In a cluster, MOVED updates
+  // the map and retries, ASK retries once at the importing node behind ASKING, TRYAGAIN
+  // (a slot mid-migration) and CLUSTERDOWN wait and retry, and a node that fails is dropped
+  // from the map by a refresh. Gives up after max_redirects rounds or command_timeout.
+  void run(std::vector<Call>& calls) {
+    if (!options.cluster) {
+      std::vector<Command*> cmds;
+      cmds.reserve(calls.size());
+      for (Call& c : calls) cmds.push_back(&c.command);
+      std::vector<ReplyPtr> replies = nodes.front()->exchange(cmds);
+      for (std::size_t i = 0; i < calls.size(); ++i) calls[i].reply = std::move(replies[i]);
+      return;
+    }
+    struct Pending {
+      std::size_t call;
+      Node* node;
+      bool asking;
+    };
+    std::vector<Pending> pending;
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      pending.push_back({i, &owner_of(calls[i].slot), false});
+    }
+    const auto started = std::chrono::steady_clock::now();
+    std::string last_problem;
+    for (std::size_t round = 0; !pending.empty(); ++round) {
+      if (round > options.max_redirects ||
+          (round > 0 && std::chrono::steady_clock::now() - started > options.command_timeout)) {
+        throw StoreUnavailable("Redis Cluster call did not settle after " + std::to_string(round) +
+                               " rounds (last: " + last_problem +
+                               "); the cluster is resharding or failing over, retry later");
+      }
+      if (round > 0) {
+        std::this_thread::sleep_for(
+            std::chrono::milliseconds{std::min<std::size_t>(round * 5, 50)});
+      }
+      std::map<Node*, std::vector<std::size_t>> by_node;  // node -> indexes into pending
+      for (std::size_t p = 0; p < pending.size(); ++p) by_node[pending[p].node].push_back(p);
+      std::vector<Pending> next;
+      bool refresh = false;
+      for (auto& [node, idxs] : by_node) {
+        std::vector<Command*> cmds;
+        std::unique_ptr<bool[]> asking(new bool[idxs.size()]);
+        for (std::size_t n = 0; n < idxs.size(); ++n) {
+          cmds.push_back(&calls[pending[idxs[n]].call].command);
+          asking[n] = pending[idxs[n]].asking;
+        }
+        std::vector<ReplyPtr> replies;
+        try {
+          replies = node->exchange(cmds, std::span<const bool>(asking.get(), idxs.size()));
+        } catch (const StoreUnavailable& e) {
+          // The node is down or failing over: re-read the map (a replica may be promoted)
+          // and retry. A call that did run before the failure is safe to repeat: a repeated
+          // claim sees its own in-progress record, a repeated completion finds its token.
+          last_problem = e.what();
+          refresh = true;
+          for (std::size_t p : idxs) next.push_back({pending[p].call, nullptr, false});
+          continue;
+        }
+        for (std::size_t n = 0; n < idxs.size(); ++n) {
+          Pending& p = pending[idxs[n]];
+          const redisReply* r = replies[n].get();
+          std::uint16_t slot = 0;
+          Endpoint ep;
+          if (redis_detail::is_error(r, "MOVED ") && parse_redirect(r, slot, ep)) {
+            counters.redirects.fetch_add(1, std::memory_order_relaxed);
+            set_owner(slot, ep);
+            refresh = true;
+            last_problem = redis_detail::reply_text(r);
+            next.push_back({p.call, &node_for(ep), false});
+          } else if (redis_detail::is_error(r, "ASK ") && parse_redirect(r, slot, ep)) {
+            counters.redirects.fetch_add(1, std::memory_order_relaxed);
+            last_problem = redis_detail::reply_text(r);
+            next.push_back({p.call, &node_for(ep), true});
+          } else if (redis_detail::is_error(r, "TRYAGAIN") ||
+                     redis_detail::is_error(r, "CLUSTERDOWN")) {
+            last_problem = redis_detail::reply_text(r);
+            next.push_back({p.call, nullptr, false});
+          } else {
+            calls[p.call].reply = std::move(replies[n]);
+          }
+        }
+      }
+      if (refresh) {
+        try {
+          refresh_map();
+        } catch (const StoreUnavailable& e) {
+          last_problem = e.what();
+        }
+      }
+      for (Pending& p : next) {
+        if (p.node == nullptr) p.node = &owner_of(calls[p.call].slot);
+      }
+      pending = std::move(next);
+    }
+  }
+
+  // --- script calls ------------------------------------------------------------------------
+
+  // Groups consecutive-in-order requests into script calls of up to max_keys_per_call keys;
+  // in a cluster a call holds keys of one slot only. Returns, per call, the indexes it covers.
+  template <class KeyOf>
+  std::vector<std::vector<std::size_t>> group(std::size_t n, KeyOf key_of,
+                                              std::vector<std::uint16_t>& slots) {
+    std::vector<std::vector<std::size_t>> groups;
+    slots.resize(n);
+    if (!options.cluster) {
+      for (std::size_t i = 0; i < n; ++i) {
+        slots[i] = redis_detail::key_slot(key_of(i));
+        if (groups.empty() || groups.back().size() >= options.max_keys_per_call) {
+          groups.emplace_back();
+        }
+        groups.back().push_back(i);
+      }
+      return groups;
+    }
+    std::unordered_map<std::uint16_t, std::size_t> open;  // slot -> group index
+    for (std::size_t i = 0; i < n; ++i) {
+      slots[i] = redis_detail::key_slot(key_of(i));
+      auto it = open.find(slots[i]);
+      if (it == open.end() || groups[it->second].size() >= options.max_keys_per_call) {
+        groups.emplace_back();
+        it = open.insert_or_assign(slots[i], groups.size() - 1).first;
+      }
+      groups[it->second].push_back(i);
+    }
+    return groups;
+  }
+
+  std::vector<Claim> claim_many(std::span<const ClaimRequest> requests) {
+    if (requests.empty()) return {};
+    ensure_scripts();
+    const std::string sha = claim_sha();
+    std::vector<std::uint16_t> slots;
+    std::vector<std::string> keys(requests.size());
+    for (std::size_t i = 0; i < requests.size(); ++i) keys[i] = record_key(requests[i].key);
+    auto groups = group(
+        requests.size(), [&](std::size_t i) -> std::string_view { return keys[i]; }, slots);
+    std::vector<Call> calls(groups.size());
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      Command& cmd = calls[g].command;
+      const auto& idx = groups[g];
+      calls[g].slot = slots[idx.front()];
+      cmd.reserve(3 + idx.size() * 5);
+      cmd.add("EVALSHA");
+      cmd.add_owned(sha);
+      cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size() * 2)));
+      for (std::size_t i : idx) {
+        cmd.add(keys[i]);
+        cmd.add_owned(counter_key(slots[i]));
+      }
+      for (std::size_t i : idx) {
+        const ClaimRequest& r = requests[i];
+        cmd.add_owned(hex_fingerprint(r.fingerprint));
+        cmd.add_owned(decimal(positive_ms(r.mark_done ? r.retention : r.lease)));
+        cmd.add(r.mark_done ? "1" : "0");
+      }
+    }
+    run(calls);
+    std::vector<Claim> claims(requests.size());
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      const redisReply* r = calls[g].reply.get();
+      const auto& idx = groups[g];
+      if (r->type != REDIS_REPLY_ARRAY || r->elements != idx.size() * 2) bad_reply("a claim", r);
+      for (std::size_t n = 0; n < idx.size(); ++n) {
+        const redisReply* code = r->element[2 * n];
+        const redisReply* data = r->element[2 * n + 1];
+        Claim& c = claims[idx[n]];
+        switch (code->integer) {
+          case 1:
+          case 5:
+            c.status = ClaimStatus::acquired;
+            c.token = static_cast<std::uint64_t>(data->integer);
+            c.took_over = code->integer == 5;
+            break;
+          case 2:
+            c.status = ClaimStatus::done;
+            if (data->type == REDIS_REPLY_STRING) c.response.emplace(data->str, data->len);
+            break;
+          case 3:
+            c.status = ClaimStatus::in_progress;
+            break;
+          case 4:
+            c.status = ClaimStatus::conflict;
+            break;
+          default:
+            bad_reply("a claim", r);
+        }
+      }
+    }
+    return claims;
+  }
+
+  std::vector<bool> complete_many(std::span<const Completion> completions) {
+    if (completions.empty()) return {};
+    ensure_scripts();
+    const std::string sha = complete_sha();
+    std::vector<std::uint16_t> slots;
+    std::vector<std::string> keys(completions.size());
+    for (std::size_t i = 0; i < completions.size(); ++i) keys[i] = record_key(completions[i].key);
+    auto groups = group(
+        completions.size(), [&](std::size_t i) -> std::string_view { return keys[i]; }, slots);
+    std::vector<Call> calls(groups.size());
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      Command& cmd = calls[g].command;
+      const auto& idx = groups[g];
+      calls[g].slot = slots[idx.front()];
+      cmd.reserve(3 + idx.size() * 5);
+      cmd.add("EVALSHA");
+      cmd.add_owned(sha);
+      cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size())));
+      for (std::size_t i : idx) cmd.add(keys[i]);
+      for (std::size_t i : idx) {
+        const Completion& c = completions[i];
+        cmd.add_owned(decimal(static_cast<std::int64_t>(c.token)));
+        cmd.add_owned(decimal(positive_ms(c.retention)));
+        cmd.add(c.response ? "1" : "0");
+        cmd.add(c.response ? *c.response : std::string_view{});
+      }
+    }
+    run(calls);
+    std::vector<bool> done(completions.size());
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      const redisReply* r = calls[g].reply.get();
+      const auto& idx = groups[g];
+      if (r->type != REDIS_REPLY_ARRAY || r->elements != idx.size()) bad_reply("a completion", r);
+      for (std::size_t n = 0; n < idx.size(); ++n) done[idx[n]] = r->element[n]->integer == 1;
+    }
+    return done;
+  }
+
+  bool release(std::string_view key, std::uint64_t token) {
+    ensure_scripts();
+    std::vector<Call> calls(1);
+    std::string rk = record_key(key);
+    calls[0].slot = redis_detail::key_slot(rk);
+    Command& cmd = calls[0].command;
+    cmd.add("EVALSHA");
+    cmd.add_owned(release_sha());
+    cmd.add("1");
+    cmd.add(rk);
+    cmd.add_owned(decimal(static_cast<std::int64_t>(token)));
+    run(calls);
+    const redisReply* r = calls[0].reply.get();
+    if (r->type != REDIS_REPLY_INTEGER) bad_reply("a release", r);
+    return r->integer == 1;
+  }
+
+  bool forget(std::string_view key) {
+    std::vector<Call> calls(1);
+    std::string rk = record_key(key);
+    calls[0].slot = redis_detail::key_slot(rk);
+    calls[0].command.add("DEL");
+    calls[0].command.add(rk);
+    run(calls);
+    const redisReply* r = calls[0].reply.get();
+    if (r->type != REDIS_REPLY_INTEGER) bad_reply("DEL", r);
+    return r->integer > 0;
+  }
+};
+
+RedisStore::RedisStore(RedisOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+RedisStore::~RedisStore() = default;
+
+void RedisStore::ping() {
+  std::vector<Node*> all;
+  if (impl_->options.cluster) impl_->refresh_map();
+  {
+    std::shared_lock lock(impl_->topology_mutex);
+    for (auto& n : impl_->nodes) all.push_back(n.get());
+  }
+  for (Node* n : all) {
+    Command cmd{"PING"};
+    Command* cmds[] = {&cmd};
+    std::vector<ReplyPtr> replies = n->exchange(cmds);
+    if (replies[0]->type == REDIS_REPLY_ERROR) bad_reply("PING", replies[0].get());
+  }
+}
+
+void RedisStore::with_connection(std::string_view routing_key,
+                                 const std::function<void(redisContext*)>& f) {
+  Node& node = routing_key.empty() ? *impl_->nodes.front()
+                                   : impl_->owner_of(redis_detail::key_slot(routing_key));
+  redis_detail::PooledConnection conn = node.acquire();
+  f(conn.get());
+}
+
+std::string RedisStore::record_key(std::string_view key) const {
+  return impl_->record_key(key);
+}
+
+RedisStoreStats RedisStore::stats() const {
+  const auto& c = impl_->counters;
+  return RedisStoreStats{.round_trips = c.round_trips.load(std::memory_order_relaxed),
+                         .commands = c.commands.load(std::memory_order_relaxed),
+                         .redirects = c.redirects.load(std::memory_order_relaxed),
+                         .reconnects = c.reconnects.load(std::memory_order_relaxed),
+                         .script_loads = c.script_loads.load(std::memory_order_relaxed)};
+}
+
+const RedisOptions& RedisStore::options() const noexcept {
+  return impl_->options;
+}
+
+Claim RedisStore::do_claim(const ClaimRequest& request) {
+  return advised(kClaimAdvice, [&] {
+    return std::move(impl_->claim_many(std::span<const ClaimRequest>(&request, 1)).front());
+  });
+}
+
+bool RedisStore::do_complete(const Completion& completion) {
+  return advised(kCompleteAdvice, [&] {
+    return static_cast<bool>(
+        impl_->complete_many(std::span<const Completion>(&completion, 1)).front());
+  });
+}
+
+bool RedisStore::do_release(std::string_view key, std::uint64_t token) {
+  return advised("the claim was not released: it expires with its lease",
+                 [&] { return impl_->release(key, token); });
+}
+
+bool RedisStore::do_forget(std::string_view key) {
+  return advised("the record was not deleted: retry", [&] { return impl_->forget(key); });
+}
+
+std::vector<Claim> RedisStore::do_claim_batch(std::span<const ClaimRequest> requests) {
+  return advised(kClaimAdvice, [&] { return impl_->claim_many(requests); });
+}
+
+std::vector<bool> RedisStore::do_complete_batch(std::span<const Completion> completions) {
+  return advised(kCompleteAdvice, [&] { return impl_->complete_many(completions); });
+}
+
+}  // namespace idem
