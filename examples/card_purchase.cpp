@@ -19,6 +19,15 @@
 #include "idem/idem.hpp"
 #include "idem/testing/mock_broker.hpp"
 
+// Built against idem::sqlite (the default when it is built), the card system keeps its dedup
+// records in a SQLite file, as it would in production: they survive the crashes below.
+#if IDEM_EXAMPLE_WITH_SQLITE
+#include <unistd.h>
+#include <filesystem>
+
+#include "idem/sqlite.hpp"
+#endif
+
 int main(int argc, char** argv) {
   using namespace idem::testing;
   const std::uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 42;
@@ -39,7 +48,22 @@ int main(int argc, char** argv) {
   }
 
   // Downstream: issue a card per payment succeeded notification.
+#if IDEM_EXAMPLE_WITH_SQLITE
+  const std::filesystem::path db = std::filesystem::temp_directory_path() /
+                                   ("idem_card_purchase_" + std::to_string(getpid()) + ".db");
+  struct RemoveDb {  // removes the file and its WAL companions however main ends
+    std::filesystem::path path;
+    ~RemoveDb() {
+      for (const char* suffix : {"", "-wal", "-shm"}) {
+        std::error_code ignored;
+        std::filesystem::remove(path.string() + suffix, ignored);
+      }
+    }
+  } remove_db{db};
+  idem::SqliteStore store(db.string(), {.synchronous = idem::SqliteSync::normal});
+#else
   idem::MemoryStore store;
+#endif
   std::map<std::string, int> cards;  // payment id -> cards issued
   idem::IdempotentConsumer issue_card(store,
                                       [&](const idem::Message& m) { ++cards[std::string(m.key)]; });
@@ -58,7 +82,8 @@ int main(int argc, char** argv) {
   }
   const MockBrokerStats& s = mq.stats();
   auto n = [](std::uint64_t v) { return static_cast<unsigned long long>(v); };
-  std::printf("membership-card purchase, seed %llu\n", n(seed));
+  std::printf("membership-card purchase, seed %llu, %s store\n", n(seed),
+              std::string(store.name()).c_str());
   std::printf("  payments charged              %6d\n", charged);
   std::printf(
       "  notifications sent            %6llu  (%llu publish acks lost, resent with the "
