@@ -1,0 +1,265 @@
+// idemctl: generate inner message ids and inspect, count, purge and forget dedup records.
+// Exit codes: see ExitCode in open_store.hpp (0 ok, 1 no such key, 2 usage or bad url,
+// 3 store unreachable or failed, 4 unsupported, 5 not confirmed).
+
+#include <CLI/CLI.hpp>
+
+#include <unistd.h>
+#include <cstdint>
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include "idem/dedup_store.hpp"
+#include "idem/error.hpp"
+#include "idem/inner_msg_id.hpp"
+#include "open_store.hpp"
+#include "store_url.hpp"
+
+namespace {
+
+using namespace idemctl;
+
+struct Args {
+  std::size_t count = 1;
+  std::string url;
+  std::string key;
+  bool hex = false;
+  bool yes = false;
+  std::size_t max_records = SIZE_MAX;
+};
+
+int fail(int code, const std::string& message) {
+  std::cerr << "idemctl: " << message << '\n';
+  return code;
+}
+
+// Keys may be any bytes: show printable ASCII as is, the rest as \xNN.
+std::string printable(std::string_view bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : bytes) {
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
+
+std::optional<std::string> unhex(std::string_view text) {
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  if (text.size() % 2 != 0) return std::nullopt;
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); i += 2) {
+    const int hi = digit(text[i]), lo = digit(text[i + 1]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out += static_cast<char>(hi * 16 + lo);
+  }
+  return out;
+}
+
+std::string duration(std::int64_t ms) {
+  const bool past = ms < 0;
+  std::uint64_t left = static_cast<std::uint64_t>(past ? -ms : ms) / 1000;
+  std::string out;
+  const std::uint64_t days = left / 86400, hours = left / 3600 % 24, minutes = left / 60 % 60,
+                      seconds = left % 60;
+  if (days) out += std::to_string(days) + "d";
+  if (days || hours) out += std::to_string(hours) + "h";
+  if (days || hours || minutes) out += std::to_string(minutes) + "m";
+  out += std::to_string(seconds) + "s";
+  return past ? "expired " + out + " ago" : "in " + out;
+}
+
+std::string_view state_name(idem::RecordInfo::State state) {
+  switch (state) {
+    case idem::RecordInfo::State::in_progress:
+      return "in_progress";
+    case idem::RecordInfo::State::done:
+      return "done";
+    case idem::RecordInfo::State::released:
+      return "released";
+  }
+  return "unknown";
+}
+
+// Opens the store and runs op on it, mapping every failure to its exit code.
+template <class Op>
+int with_store(const Args& args, Op&& op) {
+  StoreUrl url;
+  try {
+    url = parse_store_url(args.url);
+  } catch (const BadUrl& e) {
+    return fail(exit_usage, e.what());
+  }
+  std::unique_ptr<idem::DedupStore> store;
+  try {
+    store = open_store(url);
+  } catch (const BackendNotBuilt& e) {
+    return fail(exit_unsupported, e.what());
+  } catch (const idem::ConfigError& e) {
+    return fail(exit_usage,
+                std::string("bad store url \"") + redacted(args.url) + "\": " + e.what());
+  } catch (const idem::StoreUnavailable& e) {
+    return fail(exit_unavailable,
+                std::string("cannot reach ") + redacted(args.url) + ": " + e.what());
+  } catch (const std::exception& e) {
+    return fail(exit_unavailable,
+                std::string("cannot open ") + redacted(args.url) + ": " + e.what());
+  }
+  try {
+    return op(*store);
+  } catch (const idem::ConfigError& e) {
+    // DedupStore's default operator hooks throw ConfigError: the backend lacks the operation.
+    return fail(exit_unsupported, e.what());
+  } catch (const idem::InvalidMessage& e) {
+    return fail(exit_usage, e.what());
+  } catch (const std::exception& e) {
+    return fail(exit_unavailable, e.what());
+  }
+}
+
+// The key argument, decoded from hex when asked; nullopt (after the message) when invalid.
+std::optional<std::string> key_of(const Args& args) {
+  if (!args.hex) return args.key;
+  std::optional<std::string> key = unhex(args.key);
+  if (!key) fail(exit_usage, "--hex: \"" + args.key + "\" is not an even number of hex digits");
+  return key;
+}
+
+int gen_id(const Args& args) {
+  idem::InnerMsgIdGenerator generator;
+  std::string out;
+  for (std::size_t i = 0; i < args.count; ++i) {
+    out += generator.next().to_string();
+    out += '\n';
+  }
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  return exit_ok;
+}
+
+int inspect(const Args& args) {
+  const std::optional<std::string> key = key_of(args);
+  if (!key) return exit_usage;
+  return with_store(args, [&](idem::DedupStore& store) {
+    const std::optional<idem::RecordInfo> info = store.inspect(*key);
+    if (!info) return fail(exit_missing_key, "no record of key \"" + printable(*key) + "\"");
+    std::cout << "key:      " << printable(*key) << '\n'
+              << "state:    " << state_name(info->state) << '\n'
+              << "token:    " << info->token << '\n'
+              << "expires:  " << duration(info->expires_in_ms) << '\n'
+              << "response: " << (info->response ? '"' + printable(*info->response) + '"' : "-")
+              << '\n';
+    return static_cast<int>(exit_ok);
+  });
+}
+
+int stats(const Args& args) {
+  return with_store(args, [&](idem::DedupStore& store) {
+    const idem::StoreStats s = store.stats_summary();
+    std::cout << "store:       " << store.name() << '\n'
+              << "records:     " << s.records << '\n'
+              << "in_progress: " << s.in_progress << '\n'
+              << "done:        " << s.done << '\n'
+              << "bytes:       " << s.bytes << '\n'
+              << "evictions:   " << s.evictions << '\n';
+    return static_cast<int>(exit_ok);
+  });
+}
+
+int forget(const Args& args) {
+  const std::optional<std::string> key = key_of(args);
+  if (!key) return exit_usage;
+  return with_store(args, [&](idem::DedupStore& store) {
+    if (!args.yes) {
+      std::cerr << "Forget key \"" << printable(*key) << "\" in " << redacted(args.url)
+                << "? A redelivery of its message will be processed again. [y/N] " << std::flush;
+      std::string answer;
+      if (!std::getline(std::cin, answer) || (answer != "y" && answer != "yes")) {
+        return fail(exit_aborted, "not confirmed; nothing was changed (use --yes in scripts)");
+      }
+    }
+    if (!store.forget(*key)) {
+      return fail(exit_missing_key, "no record of key \"" + printable(*key) + "\"");
+    }
+    std::cout << "forgot key \"" << printable(*key) << "\"\n";
+    return static_cast<int>(exit_ok);
+  });
+}
+
+int purge_expired(const Args& args) {
+  return with_store(args, [&](idem::DedupStore& store) {
+    const std::size_t purged = store.purge_expired_records(args.max_records);
+    std::cout << "purged " << purged << " expired record" << (purged == 1 ? "" : "s") << '\n';
+    return static_cast<int>(exit_ok);
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"idemctl: inner message ids and operator access to idem dedup stores.\n"};
+  app.footer(
+      "Store urls: sqlite:///path/to/db, redis://[[user]:password@]host[:port][/db]"
+      "[?prefix=P&timeout_ms=N]\nBackends in this build: " +
+      std::string(built_backends()) +
+      "\nExit codes: 0 ok, 1 no such key, 2 usage or bad url, 3 store unreachable or failed, "
+      "4 unsupported, 5 not confirmed");
+  app.require_subcommand(1);
+  Args args;
+  int (*command)(const Args&) = nullptr;
+
+  auto* gen = app.add_subcommand("gen-id", "Print new inner message ids (UUIDv7), one per line");
+  gen->add_option("-n,--count", args.count, "How many ids (increasing)")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{10'000'000}));
+  gen->callback([&] { command = gen_id; });
+
+  auto add_url = [&](CLI::App* sub) {
+    sub->add_option("store-url", args.url, "sqlite:///path/db or redis://host:port/db?prefix=P")
+        ->required();
+  };
+  auto add_key = [&](CLI::App* sub) {
+    sub->add_option("key", args.key, "The biz-id (Message::key)")->required();
+    sub->add_flag("--hex", args.hex, "The key is given as hex digits (for binary keys)");
+  };
+
+  auto* insp = app.add_subcommand("inspect", "Show the record of one key (exit 1 if none)");
+  add_url(insp);
+  add_key(insp);
+  insp->callback([&] { command = inspect; });
+
+  auto* stat = app.add_subcommand("stats", "Count the records of a store");
+  add_url(stat);
+  stat->callback([&] { command = stats; });
+
+  auto* forg = app.add_subcommand(
+      "forget", "Drop the record of one key so its message is processed again (asks first)");
+  add_url(forg);
+  add_key(forg);
+  forg->add_flag("-y,--yes", args.yes, "Do not ask for confirmation");
+  forg->callback([&] { command = forget; });
+
+  auto* purge = app.add_subcommand("purge-expired", "Delete expired records now");
+  add_url(purge);
+  purge->add_option("--max", args.max_records, "Delete at most this many")
+      ->check(CLI::PositiveNumber);
+  purge->callback([&] { command = purge_expired; });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);  // prints help, or the error and a hint
+    return code == 0 ? exit_ok : exit_usage;
+  }
+  return command ? command(args) : exit_usage;
+}
