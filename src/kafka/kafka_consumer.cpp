@@ -1,0 +1,518 @@
+#include "idem/adapters/kafka_consumer.hpp"
+
+#include <librdkafka/rdkafka.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <thread>
+#include <utility>
+
+#include "kafka_detail.hpp"
+
+namespace idem::kafka {
+
+std::optional<std::string_view> Record::header(std::string_view name) const noexcept {
+  for (auto it = headers.rbegin(); it != headers.rend(); ++it) {
+    if (it->name == name) return it->value;
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using detail::ErrorPtr;
+using detail::HandlePtr;
+using detail::HeadersPtr;
+using detail::MessagePtr;
+using detail::PartitionListPtr;
+
+// What happens to a record's offset after the consume step.
+enum class Action { settle, retry_counted, retry, dead_letter };
+
+struct PartitionState {
+  std::int64_t next_offset = -1;  // offset after the last settled record; -1: none yet
+  std::int64_t committed = -1;    // last committed next_offset
+  std::int64_t blocked_at = -1;   // record held back for a retry; -1: none
+  unsigned attempts = 0;          // failed handler runs of blocked_at
+  unsigned retries = 0;           // holds of blocked_at (for the backoff)
+  bool paused = false;
+  Clock::time_point retry_at{};
+};
+
+using PartitionKey = std::pair<std::string, std::int32_t>;
+
+PartitionListPtr one_partition(const PartitionKey& key, std::int64_t offset) {
+  PartitionListPtr list(rd_kafka_topic_partition_list_new(1));
+  rd_kafka_topic_partition_list_add(list.get(), key.first.c_str(), key.second)->offset = offset;
+  return list;
+}
+
+}  // namespace
+
+struct Consumer::Impl {
+  Impl(detail::ConfPtr conf, ConsumeFunction consume, ConsumerOptions options)
+      : consume_(std::move(consume)), options_(std::move(options)) {
+    detail::set(conf.get(), "enable.auto.commit", "false");
+    detail::set(conf.get(), "enable.auto.offset.store", "false");
+    if (!options_.dead_letter_topic.empty()) make_dead_letter_producer(conf.get());
+    rd_kafka_conf_set_opaque(conf.get(), this);
+    rd_kafka_conf_set_rebalance_cb(conf.get(), &Impl::rebalance_trampoline);
+    rd_kafka_conf_set_error_cb(conf.get(), &Impl::error_trampoline);
+    rk_ = detail::make_handle(RD_KAFKA_CONSUMER, conf);
+    rd_kafka_poll_set_consumer(rk_.get());
+    PartitionListPtr topics(
+        rd_kafka_topic_partition_list_new(static_cast<int>(options_.topics.size())));
+    for (const std::string& topic : options_.topics) {
+      rd_kafka_topic_partition_list_add(topics.get(), topic.c_str(), RD_KAFKA_PARTITION_UA);
+    }
+    detail::check(rd_kafka_subscribe(rk_.get(), topics.get()), "kafka subscribe failed");
+    last_commit_ = Clock::now();
+  }
+
+  void make_dead_letter_producer(const rd_kafka_conf_t* consumer_conf) {
+    Config config = options_.dead_letter_config;
+    if (!config.contains("bootstrap.servers")) {
+      config["bootstrap.servers"] = detail::get(consumer_conf, "bootstrap.servers");
+    }
+    config.try_emplace("enable.idempotence", "true");
+    detail::ConfPtr conf = detail::make_conf(config);
+    rd_kafka_conf_set_dr_msg_cb(conf.get(), [](rd_kafka_t*, const rd_kafka_message_t* m, void*) {
+      *static_cast<rd_kafka_resp_err_t*>(m->_private) = m->err;
+    });
+    dlq_ = detail::make_handle(RD_KAFKA_PRODUCER, conf);
+  }
+
+  static void error_trampoline(rd_kafka_t*, int err, const char* reason, void* opaque) {
+    static_cast<Impl*>(opaque)->report(std::string("kafka: ") +
+                                       rd_kafka_err2name(static_cast<rd_kafka_resp_err_t>(err)) +
+                                       ": " + reason);
+  }
+
+  static void rebalance_trampoline(rd_kafka_t* rk, rd_kafka_resp_err_t err,
+                                   rd_kafka_topic_partition_list_t* partitions, void* opaque) {
+    static_cast<Impl*>(opaque)->rebalance(rk, err, partitions);
+  }
+
+  void report(const std::string& what) const noexcept {
+    if (!options_.on_error) return;
+    try {
+      options_.on_error(what);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): a logger must not break the loop
+    }
+  }
+
+  static std::vector<PartitionOffset> to_vector(const rd_kafka_topic_partition_list_t* list) {
+    std::vector<PartitionOffset> out;
+    out.reserve(static_cast<std::size_t>(list->cnt));
+    for (int i = 0; i < list->cnt; ++i) {
+      out.push_back({list->elems[i].topic, list->elems[i].partition, list->elems[i].offset});
+    }
+    return out;
+  }
+
+  // Runs inside rd_kafka_consumer_poll, between records: nothing is in flight, so "finish
+  // in-flight work" reduces to committing what is settled before giving partitions up.
+  void rebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
+                 rd_kafka_topic_partition_list_t* partitions) {
+    const bool cooperative = std::strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+      for (int i = 0; i < partitions->cnt; ++i) {
+        partitions_[{partitions->elems[i].topic, partitions->elems[i].partition}] = {};
+      }
+      apply_user_offsets(partitions);
+      if (cooperative) {
+        ErrorPtr error(rd_kafka_incremental_assign(rk, partitions));
+        if (error) report(std::string("kafka assign: ") + rd_kafka_error_string(error.get()));
+      } else if (rd_kafka_resp_err_t e = rd_kafka_assign(rk, partitions)) {
+        report(std::string("kafka assign: ") + rd_kafka_err2str(e));
+      }
+      // A partition paused for a retry before it was revoked must not stay paused.
+      rd_kafka_resume_partitions(rk, partitions);
+      return;
+    }
+    if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
+      commit_pending(partitions);
+      if (options_.on_revoke) {
+        std::vector<PartitionOffset> revoked = to_vector(partitions);
+        for (PartitionOffset& p : revoked)
+          p.offset = partitions_[{p.topic, p.partition}].next_offset;
+        try {
+          options_.on_revoke(revoked);
+        } catch (const std::exception& e) {
+          report(std::string("on_revoke threw: ") + e.what());
+        }
+      }
+      for (int i = 0; i < partitions->cnt; ++i) {
+        partitions_.erase({partitions->elems[i].topic, partitions->elems[i].partition});
+      }
+      if (cooperative) {
+        ErrorPtr error(rd_kafka_incremental_unassign(rk, partitions));
+      } else {
+        rd_kafka_assign(rk, nullptr);
+      }
+      return;
+    }
+    report(std::string("kafka rebalance error: ") + rd_kafka_err2str(err));
+    if (cooperative) {
+      ErrorPtr error(rd_kafka_incremental_unassign(rk, partitions));
+    } else {
+      rd_kafka_assign(rk, nullptr);
+    }
+    partitions_.clear();
+  }
+
+  void apply_user_offsets(rd_kafka_topic_partition_list_t* partitions) {
+    if (!options_.on_assign) return;
+    try {
+      std::vector<PartitionOffset> assigned = to_vector(partitions);
+      for (const PartitionOffset& wanted : options_.on_assign(assigned)) {
+        rd_kafka_topic_partition_t* p =
+            rd_kafka_topic_partition_list_find(partitions, wanted.topic.c_str(), wanted.partition);
+        if (p != nullptr) p->offset = wanted.offset;
+      }
+    } catch (const std::exception& e) {
+      report(std::string("on_assign threw; starting from committed offsets: ") + e.what());
+    }
+  }
+
+  // Commits next_offset of every settled partition (all, or those in only).
+  void commit_pending(const rd_kafka_topic_partition_list_t* only, bool throw_on_error = false) {
+    PartitionListPtr list(rd_kafka_topic_partition_list_new(0));
+    for (const auto& [key, state] : partitions_) {
+      if (state.next_offset < 0 || state.next_offset == state.committed) continue;
+      if (only != nullptr &&
+          rd_kafka_topic_partition_list_find(only, key.first.c_str(), key.second) == nullptr) {
+        continue;
+      }
+      rd_kafka_topic_partition_list_add(list.get(), key.first.c_str(), key.second)->offset =
+          state.next_offset;
+    }
+    last_commit_ = Clock::now();
+    if (list->cnt == 0) return;
+    rd_kafka_resp_err_t err = rd_kafka_commit(rk_.get(), list.get(), 0);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      // Offsets stay pending: the next commit retries them; a crash meanwhile only replays
+      // records the store already knows as done.
+      if (throw_on_error) detail::check(err, "kafka commit failed");
+      report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
+      return;
+    }
+    ++stats_.commits;
+    for (int i = 0; i < list->cnt; ++i) {
+      auto it = partitions_.find({list->elems[i].topic, list->elems[i].partition});
+      if (it != partitions_.end()) it->second.committed = list->elems[i].offset;
+    }
+  }
+
+  std::chrono::milliseconds backoff_for(unsigned retries) const {
+    auto delay = options_.retry_backoff;
+    for (unsigned i = 1; i < retries && delay < options_.max_retry_backoff; ++i) delay *= 2;
+    return std::min(delay, options_.max_retry_backoff);
+  }
+
+  // Holds the record back: pause its partition (so nothing after it is handled) and seek back
+  // to it (so the prefetched copy and everything after it are read again on resume).
+  void block(const PartitionKey& key, PartitionState& state, std::int64_t offset) {
+    if (state.blocked_at != offset) {
+      state.blocked_at = offset;
+      state.attempts = 0;
+      state.retries = 0;
+    }
+    ++state.retries;
+    ++stats_.retries;
+    state.retry_at = Clock::now() + backoff_for(state.retries);
+    PartitionListPtr list = one_partition(key, offset);
+    rd_kafka_pause_partitions(rk_.get(), list.get());
+    state.paused = true;
+    ErrorPtr error(rd_kafka_seek_partitions(rk_.get(), list.get(), 0));
+    if (error) report(std::string("kafka seek: ") + rd_kafka_error_string(error.get()));
+  }
+
+  void settle(PartitionState& state, std::int64_t offset) {
+    state.next_offset = offset + 1;
+    state.blocked_at = -1;
+    state.attempts = 0;
+    state.retries = 0;
+  }
+
+  void resume_due() {
+    const Clock::time_point now = Clock::now();
+    for (auto& [key, state] : partitions_) {
+      if (!state.paused || now < state.retry_at) continue;
+      PartitionListPtr list = one_partition(key, state.blocked_at);
+      rd_kafka_resume_partitions(rk_.get(), list.get());
+      state.paused = false;
+    }
+  }
+
+  std::chrono::milliseconds until_next_retry(std::chrono::milliseconds timeout) const {
+    const Clock::time_point now = Clock::now();
+    for (const auto& [key, state] : partitions_) {
+      if (!state.paused) continue;
+      auto wait = std::chrono::ceil<std::chrono::milliseconds>(state.retry_at - now);
+      timeout = std::clamp(wait, std::chrono::milliseconds{0}, timeout);
+    }
+    return timeout;
+  }
+
+  bool dead_letter(const rd_kafka_message_t& m, const Record& record, std::string_view reason) {
+    HeadersPtr headers(rd_kafka_headers_new(record.headers.size() + 4));
+    for (const Header& h : record.headers) {
+      rd_kafka_header_add(headers.get(), h.name.data(), static_cast<ssize_t>(h.name.size()),
+                          h.value.data(), static_cast<ssize_t>(h.value.size()));
+    }
+    const std::string partition = std::to_string(record.partition);
+    const std::string offset = std::to_string(record.offset);
+    auto add = [&](const char* name, std::string_view value) {
+      rd_kafka_header_add(headers.get(), name, -1, value.data(),
+                          static_cast<ssize_t>(value.size()));
+    };
+    add("idem-dlq-reason", reason);
+    add("idem-dlq-topic", record.topic);
+    add("idem-dlq-partition", partition);
+    add("idem-dlq-offset", offset);
+    rd_kafka_resp_err_t delivered = RD_KAFKA_RESP_ERR__IN_PROGRESS;
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        dlq_.get(), RD_KAFKA_V_TOPIC(options_.dead_letter_topic.c_str()),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_KEY(m.key, m.key_len),
+        RD_KAFKA_V_VALUE(m.payload, m.len), RD_KAFKA_V_HEADERS(headers.get()),
+        RD_KAFKA_V_OPAQUE(&delivered), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      report(std::string("dead-letter produce failed: ") + rd_kafka_err2str(err));
+      return false;
+    }
+    (void)headers.release();  // the message owns them now
+    // Wait for the report: the source offset may only be committed once the copy is durable.
+    while (delivered == RD_KAFKA_RESP_ERR__IN_PROGRESS) rd_kafka_flush(dlq_.get(), 1000);
+    if (delivered != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      report(std::string("dead-letter delivery failed: ") + rd_kafka_err2str(delivered));
+      return false;
+    }
+    ++stats_.dead_lettered;
+    return true;
+  }
+
+  std::string_view key_of(const Record& record) const {
+    if (options_.key_of) return options_.key_of(record);
+    if (options_.key_source == KeySource::header) {
+      return record.header(options_.key_header).value_or(std::string_view{});
+    }
+    return record.key;
+  }
+
+  void handle(const rd_kafka_message_t& m) {
+    if (m.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      if (m.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+        report(std::string("kafka consume error: ") + rd_kafka_message_errstr(&m));
+      }
+      return;
+    }
+    PartitionKey key{rd_kafka_topic_name(m.rkt), m.partition};
+    auto found = partitions_.find(key);
+    if (found == partitions_.end()) return;  // no longer ours (revoked in this poll)
+    PartitionState& state = found->second;
+    // A copy fetched before a seek-back: either already settled, or behind a held record.
+    if (m.offset < state.next_offset) return;
+    if (state.blocked_at >= 0 && m.offset != state.blocked_at) return;
+
+    headers_.clear();
+    rd_kafka_headers_t* native = nullptr;
+    if (rd_kafka_message_headers(&m, &native) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      const char* name = nullptr;
+      const void* value = nullptr;
+      std::size_t size = 0;
+      for (std::size_t i = 0;
+           rd_kafka_header_get_all(native, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
+           ++i) {
+        headers_.push_back({name, value ? std::string_view(static_cast<const char*>(value), size)
+                                        : std::string_view{}});
+      }
+    }
+    const Record record{
+        .topic = key.first,
+        .partition = m.partition,
+        .offset = m.offset,
+        .key = m.key ? std::string_view(static_cast<const char*>(m.key), m.key_len)
+                     : std::string_view{},
+        .payload = m.payload ? std::string_view(static_cast<const char*>(m.payload), m.len)
+                             : std::string_view{},
+        .headers = headers_,
+    };
+
+    ++stats_.records;
+    Action action = Action::retry;
+    std::string reason;
+    try {
+      const Message message{.key = key_of(record),
+                            .payload = record.payload,
+                            .inner_id = record.header(options_.inner_id_header).value_or("")};
+      Result result = consume_(message);
+      if (options_.on_result) options_.on_result(record, result);
+      switch (result.outcome) {
+        case Outcome::processed:
+        case Outcome::duplicate:
+          action = Action::settle;
+          break;
+        case Outcome::failed:
+          action = Action::retry_counted;
+          reason = "handler failed";
+          break;
+        case Outcome::in_progress:
+          action = Action::retry;
+          reason = "key in progress elsewhere";
+          break;
+        case Outcome::conflict:
+          action = Action::dead_letter;
+          reason = "payload conflict: key reused with a different payload";
+          break;
+      }
+    } catch (const InvalidMessage& e) {
+      action = Action::dead_letter;
+      reason = std::string("invalid message: ") + e.what();
+    } catch (const StoreUnavailable& e) {
+      action = Action::retry;
+      reason = std::string("store unavailable: ") + e.what();
+    } catch (const std::exception& e) {  // a handler error rethrown on request
+      action = Action::retry_counted;
+      reason = std::string("handler failed: ") + e.what();
+    }
+
+    if (action == Action::retry_counted) {
+      if (state.blocked_at != m.offset) {
+        state.blocked_at = m.offset;
+        state.attempts = 0;
+        state.retries = 0;
+      }
+      ++state.attempts;
+      const bool exhausted = options_.max_attempts != 0 && state.attempts >= options_.max_attempts;
+      action = exhausted && dlq_ ? Action::dead_letter : Action::retry;
+    }
+    if (action == Action::dead_letter) {
+      if (dlq_ && dead_letter(m, record, reason)) {
+        action = Action::settle;
+      } else {
+        if (!dlq_)
+          report("record " + key.first + "/" + std::to_string(m.partition) + "@" +
+                 std::to_string(m.offset) + " blocks its partition (" + reason +
+                 ") and there is no dead_letter_topic");
+        action = Action::retry;
+      }
+    }
+    if (action == Action::settle) {
+      ++stats_.acked;
+      settle(state, m.offset);
+    } else {
+      block(key, state, m.offset);
+    }
+  }
+
+  std::size_t poll(std::chrono::milliseconds timeout) {
+    if (!rk_) return 0;
+    resume_due();
+    std::size_t handled = 0;
+    MessagePtr m(
+        rd_kafka_consumer_poll(rk_.get(), static_cast<int>(until_next_retry(timeout).count())));
+    // Drain what is already buffered without waiting, so one poll() handles a batch.
+    while (m) {
+      const std::uint64_t before = stats_.records;
+      handle(*m);
+      handled += static_cast<std::size_t>(stats_.records - before);
+      if (Clock::now() - last_commit_ >= options_.commit_interval) commit_pending(nullptr);
+      if (handled >= 1000 || stop_.load(std::memory_order_relaxed)) break;
+      m.reset(rd_kafka_consumer_poll(rk_.get(), 0));
+    }
+    if (Clock::now() - last_commit_ >= options_.commit_interval) commit_pending(nullptr);
+    return handled;
+  }
+
+  void close() {
+    if (!rk_) return;
+    commit_pending(nullptr);
+    if (rd_kafka_resp_err_t err = rd_kafka_consumer_close(rk_.get())) {
+      report(std::string("kafka close: ") + rd_kafka_err2str(err));
+    }
+    rk_.reset();
+    if (dlq_) rd_kafka_flush(dlq_.get(), 5000);
+    dlq_.reset();
+  }
+
+  void abandon() noexcept {
+    if (rd_kafka_t* rk = rk_.release()) {
+      rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    }
+    dlq_.reset();
+  }
+
+  ConsumeFunction consume_;
+  ConsumerOptions options_;
+  HandlePtr dlq_;  // declared before rk_: destroyed after the consumer
+  HandlePtr rk_;
+  std::map<PartitionKey, PartitionState> partitions_;
+  std::vector<Header> headers_;  // reused per record
+  Clock::time_point last_commit_{};
+  ConsumerStats stats_{};
+  std::atomic<bool> stop_{false};
+};
+
+Consumer::Consumer(const Config& config, ConsumeFunction consume, ConsumerOptions options)
+    : impl_(std::make_unique<Impl>(detail::make_conf(config), std::move(consume),
+                                   std::move(options))) {}
+
+Consumer::Consumer(rd_kafka_conf_t* conf, ConsumeFunction consume, ConsumerOptions options)
+    : impl_(std::make_unique<Impl>(detail::ConfPtr(conf), std::move(consume), std::move(options))) {
+}
+
+Consumer::~Consumer() {
+  if (!impl_) return;
+  try {
+    impl_->close();
+  } catch (...) {  // NOLINT(bugprone-empty-catch): destructors do not throw
+  }
+}
+
+Consumer::Consumer(Consumer&&) noexcept = default;
+Consumer& Consumer::operator=(Consumer&&) noexcept = default;
+
+std::size_t Consumer::poll(std::chrono::milliseconds timeout) {
+  return impl_->poll(timeout);
+}
+
+void Consumer::run(const std::atomic<bool>& stop) {
+  while (!stop.load(std::memory_order_relaxed) && !impl_->stop_.load(std::memory_order_relaxed)) {
+    impl_->poll(impl_->options_.poll_timeout);
+  }
+  impl_->close();
+}
+
+void Consumer::run() {
+  const std::atomic<bool> never{false};
+  run(never);
+}
+
+void Consumer::request_stop() noexcept {
+  impl_->stop_.store(true, std::memory_order_relaxed);
+}
+
+void Consumer::commit() {
+  if (impl_->rk_) impl_->commit_pending(nullptr, true);
+}
+
+void Consumer::close() {
+  impl_->close();
+}
+
+void Consumer::abandon() noexcept {
+  impl_->abandon();
+}
+
+ConsumerStats Consumer::stats() const noexcept {
+  return impl_->stats_;
+}
+
+rd_kafka_t* Consumer::native_handle() const noexcept {
+  return impl_->rk_.get();
+}
+
+}  // namespace idem::kafka

@@ -1,0 +1,389 @@
+// The Kafka adapter against librdkafka's in-process mock cluster: no broker needed.
+
+#include <gtest/gtest.h>
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "idem/kafka.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using idem::kafka::Config;
+
+struct HandleDeleter {
+  void operator()(rd_kafka_t* rk) const noexcept { rd_kafka_destroy(rk); }
+};
+struct MockDeleter {
+  void operator()(rd_kafka_mock_cluster_t* m) const noexcept { rd_kafka_mock_cluster_destroy(m); }
+};
+
+constexpr std::int16_t produce_api_key = 0;  // RD_KAFKAP_Produce (rdkafka_protocol.h is private)
+
+// One mock cluster per test; the rd_kafka_t it needs for bookkeeping is a bare producer.
+class MockCluster {
+ public:
+  explicit MockCluster(int brokers = 1) {
+    std::array<char, 256> err{};
+    rd_kafka_conf_t* conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "log_level", "0", err.data(), err.size());
+    owner_.reset(rd_kafka_new(RD_KAFKA_PRODUCER, conf, err.data(), err.size()));
+    if (!owner_) throw std::runtime_error(err.data());
+    cluster_.reset(rd_kafka_mock_cluster_new(owner_.get(), brokers));
+    if (!cluster_) throw std::runtime_error("rd_kafka_mock_cluster_new failed");
+  }
+  ~MockCluster() { cluster_.reset(); }
+
+  void create_topic(const std::string& topic, int partitions) {
+    ASSERT_EQ(rd_kafka_mock_topic_create(cluster_.get(), topic.c_str(), partitions, 1),
+              RD_KAFKA_RESP_ERR_NO_ERROR);
+  }
+  std::string bootstraps() const { return rd_kafka_mock_cluster_bootstraps(cluster_.get()); }
+  rd_kafka_mock_cluster_t* get() const { return cluster_.get(); }
+
+  Config producer_config() const {
+    return {{"bootstrap.servers", bootstraps()}, {"linger.ms", "1"}, {"log_level", "0"}};
+  }
+  // Tight timeouts so joins, rebalances and takeovers finish in about a second.
+  Config consumer_config(const std::string& group) const {
+    Config config{{"bootstrap.servers", bootstraps()},
+                  {"group.id", group},
+                  {"auto.offset.reset", "earliest"},
+                  {"session.timeout.ms", "4000"},
+                  {"heartbeat.interval.ms", "100"},
+                  {"fetch.wait.max.ms", "10"},
+                  {"topic.metadata.refresh.interval.ms", "500"},
+                  {"log_level", debug() ? "7" : "0"}};
+    if (debug()) config["debug"] = debug();
+    return config;
+  }
+  // IDEM_KAFKA_DEBUG=cgrp,fetch turns librdkafka's debug log on for a failing test.
+  static const char* debug() { return std::getenv("IDEM_KAFKA_DEBUG"); }
+
+ private:
+  std::unique_ptr<rd_kafka_t, HandleDeleter> owner_;
+  std::unique_ptr<rd_kafka_mock_cluster_t, MockDeleter> cluster_;
+};
+
+// What the handlers did, safe to share between consumer threads.
+struct Effects {
+  void add(std::string_view key) {
+    std::lock_guard lock(mutex);
+    ++count[std::string(key)];
+    order.emplace_back(key);
+  }
+  std::size_t distinct() const {
+    std::lock_guard lock(mutex);
+    return count.size();
+  }
+  std::size_t total() const {
+    std::lock_guard lock(mutex);
+    return order.size();
+  }
+  mutable std::mutex mutex;
+  std::map<std::string, int> count;
+  std::vector<std::string> order;
+};
+
+void produce(MockCluster& cluster, const std::string& topic, int n, const std::string& prefix,
+             std::int32_t partition = -1) {
+  idem::kafka::Producer producer(cluster.producer_config());
+  for (int i = 0; i < n; ++i) {
+    producer.send({.topic = topic,
+                   .biz_id = prefix + std::to_string(i),
+                   .payload = "payload-" + std::to_string(i),
+                   .partition = partition});
+  }
+  ASSERT_TRUE(producer.flush(10s));
+}
+
+// Polls every consumer until pred holds; false on timeout.
+bool poll_until(const std::function<bool()>& pred,
+                std::initializer_list<idem::kafka::Consumer*> consumers,
+                std::chrono::milliseconds timeout = 15s) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    for (idem::kafka::Consumer* c : consumers) c->poll(20ms);
+  }
+  return true;
+}
+
+// The committed offset of topic/partition for group, read through a fresh client.
+std::int64_t committed_offset(MockCluster& cluster, const std::string& group,
+                              const std::string& topic, std::int32_t partition) {
+  std::array<char, 256> err{};
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", cluster.bootstraps().c_str(), err.data(),
+                    err.size());
+  rd_kafka_conf_set(conf, "group.id", group.c_str(), err.data(), err.size());
+  std::unique_ptr<rd_kafka_t, HandleDeleter> rk(
+      rd_kafka_new(RD_KAFKA_CONSUMER, conf, err.data(), err.size()));
+  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
+  rd_kafka_topic_partition_list_add(list, topic.c_str(), partition);
+  std::int64_t offset = -2;
+  if (rd_kafka_committed(rk.get(), list, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+    offset = list->elems[0].offset;
+  }
+  rd_kafka_topic_partition_list_destroy(list);
+  rd_kafka_consumer_close(rk.get());
+  return offset;
+}
+
+// Headers of the first n records of partition 0 of topic, read without a consumer group.
+std::vector<std::map<std::string, std::string>> read_headers(MockCluster& cluster,
+                                                             const std::string& topic, int n) {
+  std::array<char, 256> err{};
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", cluster.bootstraps().c_str(), err.data(),
+                    err.size());
+  rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", err.data(), err.size());
+  rd_kafka_conf_set(conf, "group.id", "reader", err.data(), err.size());  // assign() only: no join
+  std::unique_ptr<rd_kafka_t, HandleDeleter> rk(
+      rd_kafka_new(RD_KAFKA_CONSUMER, conf, err.data(), err.size()));
+  rd_kafka_poll_set_consumer(rk.get());
+  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
+  rd_kafka_topic_partition_list_add(list, topic.c_str(), 0)->offset = RD_KAFKA_OFFSET_BEGINNING;
+  rd_kafka_assign(rk.get(), list);
+  rd_kafka_topic_partition_list_destroy(list);
+  std::vector<std::map<std::string, std::string>> out;
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (static_cast<int>(out.size()) < n && std::chrono::steady_clock::now() < deadline) {
+    rd_kafka_message_t* m = rd_kafka_consumer_poll(rk.get(), 100);
+    if (m == nullptr) continue;
+    rd_kafka_headers_t* headers = nullptr;
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && rd_kafka_message_headers(m, &headers) == 0) {
+      auto& row = out.emplace_back();
+      const char* name = nullptr;
+      const void* value = nullptr;
+      std::size_t size = 0;
+      for (std::size_t i = 0; rd_kafka_header_get_all(headers, i, &name, &value, &size) == 0; ++i) {
+        row[name] = value ? std::string(static_cast<const char*>(value), size) : "";
+      }
+    }
+    rd_kafka_message_destroy(m);
+  }
+  rd_kafka_consumer_close(rk.get());
+  return out;
+}
+
+idem::kafka::ConsumerOptions options_for(std::string topic) {
+  return {.topics = {std::move(topic)},
+          .retry_backoff = 20ms,
+          .max_retry_backoff = 200ms,
+          .on_error = [](std::string_view e) {
+            std::fprintf(stderr, "kafka adapter: %.*s\n", static_cast<int>(e.size()), e.data());
+          }};
+}
+
+TEST(KafkaAdapter, OffsetReplayAfterCrashDoesNotRepeatEffects) {
+  MockCluster cluster;
+  cluster.create_topic("replay", 1);
+  produce(cluster, "replay", 20, "order-");
+  idem::MemoryStore store;  // survives the "crash", as a SQLite or Redis store would
+  Effects effects;
+  idem::IdempotentConsumer idem_consumer(store,
+                                         [&](const idem::Message& m) { effects.add(m.key); });
+
+  auto options = options_for("replay");
+  options.commit_interval = std::chrono::hours{1};  // nothing is committed before the crash
+  {
+    idem::kafka::Consumer first(cluster.consumer_config("replay-group"), idem_consumer, options);
+    ASSERT_TRUE(poll_until([&] { return effects.total() == 20; }, {&first}));
+    first.abandon();  // crash: no commit, no LeaveGroup
+  }
+  EXPECT_EQ(committed_offset(cluster, "replay-group", "replay", 0), RD_KAFKA_OFFSET_INVALID);
+
+  std::atomic<int> duplicates{0};
+  options.on_result = [&](const idem::kafka::Record&, const idem::Result& r) {
+    if (r.outcome == idem::Outcome::duplicate) ++duplicates;
+  };
+  idem::kafka::Consumer second(cluster.consumer_config("replay-group"), idem_consumer, options);
+  ASSERT_TRUE(poll_until([&] { return duplicates == 20; }, {&second}));
+  second.close();
+  EXPECT_EQ(effects.total(), 20u);
+  EXPECT_EQ(effects.distinct(), 20u);
+  EXPECT_EQ(committed_offset(cluster, "replay-group", "replay", 0), 20);
+}
+
+TEST(KafkaAdapter, GroupOfTwoWithRebalanceLosesAndDuplicatesNothing) {
+  MockCluster cluster;
+  cluster.create_topic("orders", 4);
+  idem::MemoryStore store;
+  Effects effects;
+  std::atomic<int> handler_runs{0}, duplicates{0};
+  idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+    ++handler_runs;
+    effects.add(m.key);
+  });
+  auto options_for_member = [&](std::atomic<int>& assigns) {
+    auto options = options_for("orders");
+    options.commit_interval = 50ms;
+    options.on_assign = [&](std::span<const idem::kafka::PartitionOffset>) {
+      ++assigns;
+      return std::vector<idem::kafka::PartitionOffset>{};
+    };
+    options.on_result = [&](const idem::kafka::Record&, const idem::Result& r) {
+      if (r.outcome == idem::Outcome::duplicate) ++duplicates;
+    };
+    return options;
+  };
+  std::atomic<int> assigns1{0}, assigns2{0};
+  idem::kafka::Consumer first(cluster.consumer_config("orders-group"), idem_consumer,
+                              options_for_member(assigns1));
+  produce(cluster, "orders", 100, "first-");
+  ASSERT_TRUE(poll_until([&] { return effects.total() == 100; }, {&first}));
+
+  idem::kafka::Consumer second(cluster.consumer_config("orders-group"), idem_consumer,
+                               options_for_member(assigns2));
+  ASSERT_TRUE(poll_until([&] { return assigns2 > 0 && assigns1 > 1; }, {&first, &second}));
+  const auto second_before = second.stats().records;
+  produce(cluster, "orders", 100, "second-");
+  ASSERT_TRUE(poll_until([&] { return effects.total() == 200; }, {&first, &second}));
+  // Let any stray redelivery show up.
+  for (int i = 0; i < 10; ++i) {
+    first.poll(10ms);
+    second.poll(10ms);
+  }
+  EXPECT_GT(second.stats().records, second_before) << "the second member got no partitions";
+  EXPECT_EQ(effects.distinct(), 200u);
+  EXPECT_EQ(handler_runs, 200);
+  // The mock coordinator refuses OffsetCommit while the group rebalances (real brokers accept
+  // it from the current generation), so records settled since the last interval commit may be
+  // redelivered: they must come back as duplicates, never as second effects.
+  RecordProperty("duplicates_after_rebalance", duplicates.load());
+}
+
+TEST(KafkaAdapter, ProducerRetriesAndResendsYieldOneEffectPerInnerId) {
+  MockCluster cluster;
+  cluster.create_topic("payments", 1);
+  // Transient errors the idempotent producer retries without duplicating.
+  rd_kafka_mock_push_request_errors(
+      cluster.get(), produce_api_key, 4, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+      RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, RD_KAFKA_RESP_ERR__TRANSPORT,
+      RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
+  std::vector<idem::kafka::Delivery> deliveries;
+  Config config = cluster.producer_config();
+  config["retry.backoff.ms"] = "10";
+  idem::kafka::Producer producer(
+      config, {.on_delivery = [&](const idem::kafka::Delivery& d) { deliveries.push_back(d); }});
+  std::set<std::string> sent_ids;
+  for (int i = 0; i < 30; ++i) {
+    sent_ids.insert(producer
+                        .send({.topic = "payments",
+                               .biz_id = "pay-" + std::to_string(i),
+                               .payload = "amount=" + std::to_string(i)})
+                        .to_string());
+  }
+  ASSERT_TRUE(producer.flush(20s));
+  ASSERT_EQ(deliveries.size(), 30u);
+  for (const auto& d : deliveries) ASSERT_TRUE(d.ok()) << d.error;
+  // The application did not hear back in time for ten of them and sends them again: same id.
+  for (int i = 0; i < 10; ++i) {
+    const idem::kafka::Delivery again = producer.send_and_wait(deliveries[i].message, 10s);
+    ASSERT_TRUE(again.ok()) << again.error;
+    EXPECT_EQ(again.message.inner_id, deliveries[i].message.inner_id);
+  }
+
+  idem::MemoryStore store;
+  Effects effects;
+  idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+    EXPECT_TRUE(idem::InnerMsgId::parse(m.inner_id).has_value());
+    effects.add(m.inner_id);
+  });
+  auto options = options_for("payments");
+  options.key_source = idem::kafka::KeySource::header;  // dedup on the producer's InnerMsgId
+  options.key_header = std::string(idem::kafka::default_inner_id_header);
+  idem::kafka::Consumer consumer(cluster.consumer_config("payments-group"), idem_consumer, options);
+  ASSERT_TRUE(poll_until([&] { return consumer.stats().records == 40; }, {&consumer}));
+  EXPECT_EQ(effects.total(), 30u);
+  std::set<std::string> consumed_ids;
+  for (const auto& [id, n] : effects.count) {
+    consumed_ids.insert(id);
+    EXPECT_EQ(n, 1) << id;
+  }
+  EXPECT_EQ(consumed_ids, sent_ids);
+}
+
+TEST(KafkaAdapter, HandlerFailingTwiceIsRetriedInOrderThenCommitted) {
+  MockCluster cluster;
+  cluster.create_topic("flaky", 1);
+  produce(cluster, "flaky", 3, "k-", 0);  // k-0, k-1, k-2 on one partition
+  idem::MemoryStore store;
+  Effects effects;
+  int k0_calls = 0;
+  idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+    if (m.key == "k-0" && ++k0_calls <= 2) throw std::runtime_error("downstream timeout");
+    effects.add(m.key);
+  });
+  idem::kafka::Consumer consumer(cluster.consumer_config("flaky-group"), idem_consumer,
+                                 options_for("flaky"));
+  ASSERT_TRUE(poll_until([&] { return effects.total() == 3; }, {&consumer}));
+  consumer.commit();
+  EXPECT_EQ(k0_calls, 3);
+  EXPECT_EQ(effects.order, (std::vector<std::string>{"k-0", "k-1", "k-2"}));
+  EXPECT_EQ(consumer.stats().retries, 2u);
+  EXPECT_EQ(committed_offset(cluster, "flaky-group", "flaky", 0), 3);
+}
+
+TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
+  MockCluster cluster;
+  cluster.create_topic("jobs", 1);
+  cluster.create_topic("jobs.dlq", 1);
+  {
+    idem::kafka::Producer producer(cluster.producer_config());
+    for (std::string biz : {"good-1", "", "always-fails", "good-2"}) {
+      producer.send({.topic = "jobs", .biz_id = biz, .payload = "p", .partition = 0});
+    }
+    ASSERT_TRUE(producer.flush(10s));
+  }
+  idem::MemoryStore store;
+  Effects effects;
+  int failing_calls = 0;
+  idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+    if (m.key == "always-fails") {
+      ++failing_calls;
+      throw std::runtime_error("cannot parse");
+    }
+    effects.add(m.key);
+  });
+  auto options = options_for("jobs");
+  options.key_source = idem::kafka::KeySource::header;  // the empty biz-id is invalid
+  options.max_attempts = 3;
+  options.dead_letter_topic = "jobs.dlq";
+  idem::kafka::Consumer consumer(cluster.consumer_config("jobs-group"), idem_consumer, options);
+  ASSERT_TRUE(
+      poll_until([&] { return effects.total() == 2 && consumer.stats().acked == 4; }, {&consumer}));
+  consumer.commit();
+  EXPECT_EQ(failing_calls, 3);
+  EXPECT_EQ(consumer.stats().dead_lettered, 2u);
+  EXPECT_EQ(effects.order, (std::vector<std::string>{"good-1", "good-2"}));
+  EXPECT_EQ(committed_offset(cluster, "jobs-group", "jobs", 0), 4);
+
+  // Read the dead letters back with a plain, group-less consumer.
+  std::vector<std::string> reasons, biz_ids;
+  for (const auto& headers : read_headers(cluster, "jobs.dlq", 2)) {
+    reasons.push_back(headers.at("idem-dlq-reason"));
+    biz_ids.push_back(headers.at("idem-biz-id"));
+  }
+  ASSERT_EQ(reasons.size(), 2u);
+  EXPECT_EQ(biz_ids, (std::vector<std::string>{"", "always-fails"}));
+  EXPECT_NE(reasons[0].find("invalid message"), std::string::npos) << reasons[0];
+  EXPECT_NE(reasons[1].find("handler failed"), std::string::npos) << reasons[1];
+}
+
+}  // namespace
