@@ -8,8 +8,10 @@
 #include <chrono>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -535,6 +537,192 @@ TEST(RedisStoreOutage, KilledAndRestartedServerLosesNothingAndAcksNothingUnproce
   EXPECT_EQ(twice_processed, 0u) << "each message is acked as processed exactly once";
   EXPECT_EQ(unexplained_reruns, 0u);
   EXPECT_LE(reruns, kThreads) << "at most the messages in flight at the crash";
+}
+
+// --- Redis Cluster ---------------------------------------------------------------------------
+
+// One admin command over hiredis; the reply flattened to strings (arrays: one per element).
+std::vector<std::string> admin(int port, const std::vector<std::string>& args) {
+  redisContext* c = redisConnect("127.0.0.1", port);
+  if (c == nullptr || c->err) {
+    if (c) redisFree(c);
+    throw std::runtime_error("cannot connect to cluster node " + std::to_string(port));
+  }
+  std::vector<const char*> argv;
+  std::vector<std::size_t> lens;
+  for (const std::string& a : args) {
+    argv.push_back(a.data());
+    lens.push_back(a.size());
+  }
+  auto* r = static_cast<redisReply*>(
+      redisCommandArgv(c, static_cast<int>(args.size()), argv.data(), lens.data()));
+  std::vector<std::string> out;
+  if (r == nullptr) {
+    redisFree(c);
+    throw std::runtime_error("admin command failed on " + std::to_string(port));
+  }
+  if (r->type == REDIS_REPLY_ARRAY) {
+    for (std::size_t i = 0; i < r->elements; ++i) {
+      out.emplace_back(r->element[i]->str ? std::string(r->element[i]->str, r->element[i]->len)
+                                          : std::to_string(r->element[i]->integer));
+    }
+  } else if (r->type == REDIS_REPLY_INTEGER) {
+    out.push_back(std::to_string(r->integer));
+  } else if (r->str != nullptr) {
+    out.emplace_back(r->str, r->len);
+  }
+  const bool failed = r->type == REDIS_REPLY_ERROR;
+  freeReplyObject(r);
+  redisFree(c);
+  if (failed) throw std::runtime_error("admin command " + args[0] + " failed: " + out[0]);
+  return out;
+}
+
+// Three masters on loopback, no replicas.
+class RedisCluster {
+ public:
+  RedisCluster() {
+    for (int i = 0; i < 3; ++i) {
+      nodes_.push_back(std::make_unique<RedisServer>(std::vector<std::string>{
+          "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+          "--cluster-node-timeout", "3000", "--appendonly", "no"}));
+    }
+    std::string create = "--cluster create";
+    for (auto& n : nodes_) create += " 127.0.0.1:" + std::to_string(n->port());
+    std::string out = nodes_[0]->cli(create + " --cluster-replicas 0 --cluster-yes");
+    if (out.find("All 16384 slots covered") == std::string::npos) {
+      throw std::runtime_error("redis-cli --cluster create failed:\n" + out);
+    }
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    for (auto& n : nodes_) {
+      while (admin(n->port(), {"CLUSTER", "INFO"})[0].find("cluster_state:ok") ==
+             std::string::npos) {
+        if (std::chrono::steady_clock::now() > deadline) {
+          throw std::runtime_error("the cluster did not reach cluster_state:ok in 20 s");
+        }
+        std::this_thread::sleep_for(50ms);
+      }
+    }
+  }
+  int port(std::size_t i) const { return nodes_[i]->port(); }
+  std::string id(std::size_t i) const { return admin(port(i), {"CLUSTER", "MYID"})[0]; }
+  std::size_t owner(std::uint16_t slot) const {
+    for (std::size_t i = 0; i < nodes_.size(); ++i) {
+      std::string nodes = admin(port(i), {"CLUSTER", "NODES"})[0];
+      // "<id> <ip:port@cport> myself,master - 0 0 1 connected 0-5460 ..."
+      std::istringstream lines(nodes);
+      for (std::string line; std::getline(lines, line);) {
+        if (line.find("myself") == std::string::npos) continue;
+        std::istringstream words(line);
+        std::vector<std::string> w{std::istream_iterator<std::string>(words), {}};
+        for (std::size_t k = 8; k < w.size(); ++k) {
+          if (w[k].empty() || w[k][0] == '[') continue;  // [slot->-node] migration markers
+          std::size_t dash = w[k].find('-');
+          long lo = std::stol(w[k].substr(0, dash));
+          long hi = dash == std::string::npos ? lo : std::stol(w[k].substr(dash + 1));
+          if (slot >= lo && slot <= hi) return i;
+        }
+      }
+    }
+    throw std::runtime_error("no owner for slot " + std::to_string(slot));
+  }
+
+  // Moves a slot the way redis-cli --cluster reshard does, key batch by key batch.
+  std::size_t migrate(std::uint16_t slot, std::size_t from, std::size_t to) {
+    const std::string s = std::to_string(slot);
+    admin(port(to), {"CLUSTER", "SETSLOT", s, "IMPORTING", id(from)});
+    admin(port(from), {"CLUSTER", "SETSLOT", s, "MIGRATING", id(to)});
+    std::size_t moved = 0;
+    for (;;) {
+      std::vector<std::string> keys = admin(port(from), {"CLUSTER", "GETKEYSINSLOT", s, "50"});
+      if (keys.empty()) break;
+      std::vector<std::string> cmd{"MIGRATE", "127.0.0.1", std::to_string(port(to)), "", "0",
+                                   "5000",    "KEYS"};
+      cmd.insert(cmd.end(), keys.begin(), keys.end());
+      admin(port(from), cmd);
+      moved += keys.size();
+      std::this_thread::sleep_for(2ms);  // let the consumers run into the half-moved slot
+    }
+    for (std::size_t i = 0; i < nodes_.size(); ++i) {
+      admin(port(i), {"CLUSTER", "SETSLOT", s, "NODE", id(to)});
+    }
+    return moved;
+  }
+
+ private:
+  std::vector<std::unique_ptr<RedisServer>> nodes_;
+};
+
+TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) {
+  RedisCluster cluster;
+  const std::size_t kKeys = kSanitized ? 6'000 : 20'000;
+  constexpr std::size_t kThreads = 4;
+  // Every tenth key carries the {hot} hash tag: they all live in one slot, the one migrated.
+  std::vector<std::string> names;
+  for (std::size_t i = 0; i < kKeys; ++i) {
+    names.push_back((i % 10 == 0 ? "{hot}order-" : "order-") + std::to_string(i));
+  }
+  std::unique_ptr<std::atomic<int>[]> runs(new std::atomic<int>[kKeys]);
+  std::unique_ptr<std::atomic<int>[]> acks(new std::atomic<int>[kKeys]);
+  for (std::size_t i = 0; i < kKeys; ++i) runs[i] = acks[i] = 0;
+
+  RedisOptions o = options_for(cluster.port(0), "cluster");
+  o.cluster = true;
+  RedisStore store(o);
+  store.ping();
+  const std::uint16_t hot = static_cast<std::uint16_t>(
+      std::stoi(admin(cluster.port(0), {"CLUSTER", "KEYSLOT", store.record_key(names[0])})[0]));
+  const std::size_t from = cluster.owner(hot), to = (from + 1) % 3;
+
+  idem::IdempotentConsumer consumer(
+      store,
+      [&](const Message& m) {
+        std::string_view k = m.key;
+        runs[std::stoul(std::string(k.substr(k.find('-') + 1)))]++;
+      },
+      idem::Options{.lease = 10s});
+  std::atomic<std::size_t> acked{0};
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      drain(consumer, names, worker_stream(kKeys, kThreads, t), t % 2 == 1, acks.get());
+    });
+  }
+  std::size_t total = 0;
+  for (std::size_t t = 0; t < kThreads; ++t) total += worker_stream(kKeys, kThreads, t).size();
+  auto acked_now = [&] {
+    std::size_t a = 0;
+    for (std::size_t i = 0; i < kKeys; ++i) a += static_cast<std::size_t>(acks[i].load());
+    return a;
+  };
+  while (acked_now() < total / 3) std::this_thread::sleep_for(5ms);
+  const std::size_t acked_before = acked_now();
+  const std::size_t moved = cluster.migrate(hot, from, to);
+  const std::size_t acked_during = acked_now() - acked_before;
+  for (std::thread& t : threads) t.join();
+  std::printf(
+      "cluster: moved %zu keys of slot %u while %zu deliveries were acked; %llu "
+      "redirects followed\n",
+      moved, static_cast<unsigned>(hot), acked_during,
+      static_cast<unsigned long long>(store.stats().redirects));
+
+  std::size_t never = 0, twice = 0;
+  for (std::size_t i = 0; i < kKeys; ++i) {
+    never += runs[i] == 0;
+    twice += runs[i] > 1;
+  }
+  EXPECT_EQ(never, 0u);
+  EXPECT_EQ(twice, 0u);
+  EXPECT_EQ(acked_now(), total);
+  EXPECT_GT(moved, 0u);
+  EXPECT_EQ(cluster.owner(hot), to);
+  EXPECT_GT(store.stats().redirects, 0u) << "the consumers met the moved slot";
+  // The records of the hot slot, its token counter included, now live on the new owner, and
+  // a redelivery there is a duplicate.
+  EXPECT_GT(
+      std::stoul(admin(cluster.port(to), {"CLUSTER", "COUNTKEYSINSLOT", std::to_string(hot)})[0]),
+      kKeys / 10);
+  EXPECT_EQ(consumer.consume({.key = names[0], .payload = "p"}).outcome, Outcome::duplicate);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "connection.hpp"
 
 #include <pthread.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 
 #include <cerrno>
@@ -22,8 +23,9 @@ timeval to_timeval(std::chrono::milliseconds ms) {
 }
 
 // hiredis writes with write(2): a peer that vanished would raise SIGPIPE and kill the process.
-// A library must not change the process's signal disposition, so SIGPIPE is blocked in this
-// thread while we talk to Redis and a SIGPIPE we caused is consumed before unblocking.
+// A library must not change the process's signal disposition. The hot path writes hiredis's
+// output buffer itself with send(MSG_NOSIGNAL); the rare handshake commands, written by
+// hiredis, block SIGPIPE in this thread and consume one they caused before unblocking.
 class SigpipeGuard {
  public:
   SigpipeGuard() noexcept {
@@ -360,11 +362,29 @@ void Node::throw_io(redisContext* ctx, std::string_view during) const {
   throw StoreUnavailable(what);
 }
 
+// Writes the formatted commands with MSG_NOSIGNAL, leaving hiredis an empty output buffer so
+// that redisGetReply only reads. False with errno set on failure (EAGAIN: send timeout).
+bool send_all(redisContext* ctx) {
+  const std::size_t len = sdslen(ctx->obuf);
+  std::size_t off = 0;
+  while (off < len) {
+    ssize_t n = ::send(ctx->fd, ctx->obuf + off, len - off, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    off += static_cast<std::size_t>(n);
+  }
+  // sdsclear() without its symbol: hiredis.h declares sds.h outside its extern "C" block.
+  sdssetlen(ctx->obuf, 0);
+  ctx->obuf[0] = '\0';
+  return true;
+}
+
 std::vector<ReplyPtr> Node::exchange_once(std::span<Command* const> commands,
                                           std::span<const bool> asking) {
   PooledConnection conn = acquire();
   redisContext* ctx = conn.get();
-  SigpipeGuard sigpipe;
   for (std::size_t i = 0; i < commands.size(); ++i) {
     if (!asking.empty() && asking[i]) {
       static const char* asking_argv[] = {"ASKING"};
@@ -376,6 +396,20 @@ std::vector<ReplyPtr> Node::exchange_once(std::span<Command* const> commands,
       conn.broken();
       throw StoreUnavailable("cannot format a Redis command (out of memory)");
     }
+  }
+  if (!send_all(ctx)) {
+    const int err = errno;
+    conn.broken();
+    std::string what = "Redis at " + endpoint_.text() + " failed while sending: ";
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      what += "the send did not finish within RedisOptions::command_timeout (" +
+              std::to_string(options_.command_timeout.count()) + " ms): the server is not reading";
+    } else {
+      what += std::string(std::strerror(err)) +
+              ": the connection broke; Redis may be down or "
+              "restarting";
+    }
+    throw StoreUnavailable(what);
   }
   counters_.round_trips.fetch_add(1, std::memory_order_relaxed);
   counters_.commands.fetch_add(commands.size(), std::memory_order_relaxed);
