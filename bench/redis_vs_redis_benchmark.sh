@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RedisStore against redis-benchmark on the same freshly started redis-server, in one run.
 #
-#   bench/redis_vs_redis_benchmark.sh [build-dir] [requests]
+#   bench/redis_vs_redis_benchmark.sh [build-dir] [requests] [rounds]
 #
 # Baselines (one connection each, distinct keys so every SET NX succeeds like a fresh claim):
 #   redis-benchmark -c 1 -n N -r 100000000 SET key:__rand_int__ v NX PX 30000
@@ -11,7 +11,8 @@
 set -euo pipefail
 
 build=${1:-build}
-requests=${2:-200000}
+requests=${2:-100000}
+rounds=${3:-3}
 bench="$build/bench/bench_redis_store"
 [[ -x $bench ]] || { echo "no $bench: build the bench_redis_store target first" >&2; exit 1; }
 server=$(command -v redis-server || echo /usr/bin/redis-server)
@@ -32,31 +33,46 @@ rb() {  # prints requests per second of one redis-benchmark run
     sed -E 's/.*: ([0-9.]+) requests per second.*/\1/'
 }
 
-echo "redis-server $("$server" --version | sed -E 's/.*v=([^ ]+).*/\1/') on 127.0.0.1:$port; $(nproc) cores"
-set_plain=$(rb)
-set_p100=$(rb -P 100)
-redis-cli -p "$port" flushall >/dev/null
-
-json=$(IDEM_REDIS_PORT=$port "$bench" --benchmark_format=json --benchmark_min_time=2 2>/dev/null)
-field() {  # field <benchmark name> <key>
-  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print([b for b in d["benchmarks"] if b["name"].startswith(sys.argv[2])][0][sys.argv[3]])' "$json" "$1" "$2"
+echo "redis-server $("$server" --version | sed -E 's/.*v=([^ ]+).*/\1/') on 127.0.0.1:$port; $(nproc) cores; $rounds interleaved rounds, medians"
+ours() {  # ours <benchmark filter>: JSON of one bench_redis_store run
+  IDEM_REDIS_PORT=$port "$bench" --benchmark_format=json --benchmark_min_time=1 \
+    --benchmark_filter="$1" 2>/dev/null
 }
-new_msgs=$(field BM_ConsumeNew items_per_second)
-new_cmds=$(field BM_ConsumeNew redis_commands_per_second)
-dup_msgs=$(field BM_ConsumeDuplicate items_per_second)
-batch_msgs=$(field BM_ConsumeBatch/100 items_per_second)
-batch_cmds=$(field BM_ConsumeBatch/100 redis_commands_per_second)
+results=$(mktemp)
+# Baseline and ours alternate, so a noisy neighbour on a shared machine hits both alike.
+for _ in $(seq "$rounds"); do
+  echo "set_plain $(rb)" >>"$results"
+  ours 'BM_Consume(New|Duplicate)' | python3 -c 'import json,sys
+for b in json.load(sys.stdin)["benchmarks"]:
+    print(b["name"].split("/")[0], b["items_per_second"], b["redis_commands_per_second"])' >>"$results"
+  redis-cli -p "$port" flushall >/dev/null
+  echo "set_p100 $(rb -P 100)" >>"$results"
+  ours 'BM_ConsumeBatch' | python3 -c 'import json,sys
+for b in json.load(sys.stdin)["benchmarks"]:
+    print(b["name"].split("/")[0], b["items_per_second"], b["redis_commands_per_second"])' >>"$results"
+  redis-cli -p "$port" flushall >/dev/null
+done
 
-python3 - "$set_plain" "$set_p100" "$new_msgs" "$new_cmds" "$dup_msgs" "$batch_msgs" "$batch_cmds" <<'PY'
-import sys
-set_plain, set_p100, new_msgs, new_cmds, dup_msgs, batch_msgs, batch_cmds = map(float, sys.argv[1:])
-print(f"{'':44}{'per second':>14}{'ratio':>10}")
-print(f"{'redis-benchmark SET NX PX, no pipelining':44}{set_plain:14,.0f}")
-print(f"{'consume() new: messages':44}{new_msgs:14,.0f}{new_msgs/set_plain:10.2f}")
-print(f"{'consume() new: Redis commands (2/message)':44}{new_cmds:14,.0f}{new_cmds/set_plain:10.2f}")
-print(f"{'consume() duplicate: messages (1 command)':44}{dup_msgs:14,.0f}{dup_msgs/set_plain:10.2f}")
-print(f"{'redis-benchmark SET NX PX, -P 100':44}{set_p100:14,.0f}")
-print(f"{'consume_batch(100) new: messages':44}{batch_msgs:14,.0f}{batch_msgs/set_p100:10.2f}")
-print(f"{'consume_batch(100) new: keys claimed+completed':44}{2*batch_msgs:14,.0f}{2*batch_msgs/set_p100:10.2f}")
-print(f"{'consume_batch(100) new: Redis commands':44}{batch_cmds:14,.0f}{batch_cmds/set_p100:10.2f}")
+python3 - "$results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, *vals = line.split()
+    rows.setdefault(name, []).append([float(v) for v in vals])
+med = lambda name, i=0: statistics.median(r[i] for r in rows[name])
+set_plain, set_p100 = med("set_plain"), med("set_p100")
+new_msgs, new_cmds = med("BM_ConsumeNew"), med("BM_ConsumeNew", 1)
+dup_msgs = med("BM_ConsumeDuplicate")
+batch_msgs, batch_cmds = med("BM_ConsumeBatch"), med("BM_ConsumeBatch", 1)
+print(f"{'':48}{'per second':>12}{'ratio':>8}")
+print(f"{'redis-benchmark SET NX PX -c 1, no pipelining':48}{set_plain:12,.0f}")
+print(f"{'consume() new message: messages':48}{new_msgs:12,.0f}{new_msgs/set_plain:8.2f}")
+print(f"{'consume() new message: Redis commands (2/msg)':48}{new_cmds:12,.0f}{new_cmds/set_plain:8.2f}")
+print(f"{'consume() duplicate: messages (1 command/msg)':48}{dup_msgs:12,.0f}{dup_msgs/set_plain:8.2f}")
+print(f"{'redis-benchmark SET NX PX -c 1 -P 100':48}{set_p100:12,.0f}")
+print(f"{'consume_batch(100) new: messages':48}{batch_msgs:12,.0f}{batch_msgs/set_p100:8.2f}")
+print(f"{'consume_batch(100) new: key operations (2/msg)':48}{2*batch_msgs:12,.0f}{2*batch_msgs/set_p100:8.2f}")
+print(f"{'consume_batch(100) new: Redis commands sent':48}{batch_cmds:12,.0f}")
+print("raw runs:", {k: [round(r[0]) for r in v] for k, v in rows.items()})
 PY
+rm -f "$results"
