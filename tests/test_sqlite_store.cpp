@@ -348,7 +348,9 @@ TEST_F(SqliteInbox, HandlerThrowingAfterItsInsertLeavesNoTrace) {
   EXPECT_THROW(std::rethrow_exception(failed.error), std::runtime_error);
   EXPECT_EQ(cards(), 0);    // the business row was rolled back
   EXPECT_EQ(records(), 0);  // and so was the dedup record
-  EXPECT_EQ(consumer.consume({.key = "pay-2", .payload = "card"}).outcome, Outcome::processed);
+  Result retried = consumer.consume({.key = "pay-2", .payload = "card"});
+  EXPECT_EQ(retried.outcome, Outcome::processed);
+  EXPECT_GT(retried.fencing_token, failed.fencing_token);  // tokens rise across attempts
   EXPECT_EQ(cards(), 1);
   EXPECT_EQ(attempts, 2);
 }
@@ -510,26 +512,48 @@ TEST_F(SqliteInbox, StatementHelpersReportBadSqlClearly) {
   });
 }
 
-TEST_F(SqliteInbox, ExpiredRecordsArePurgedInBoundedStepsAndTokensKeepRising) {
+TEST(SqlitePurge, ExpiredRecordsArePurgedInBoundedStepsAndTokensKeepRising) {
+  TempDir dir;
+  idem::ManualClock clock;
+  // Every write transaction sweeps 4 + 2 * inserted records.
+  SqliteStore store(dir.file("purge.db"), {.synchronous = idem::SqliteSync::normal,
+                                           .clock = &clock,
+                                           .purge_interval = 1,
+                                           .purge_extra = 4});
+  auto records = [&] {
+    return RawDb(dir.file("purge.db")).scalar("SELECT count(*) FROM idem_keys");
+  };
   std::uint64_t first_token = 0;
   for (int i = 0; i < 300; ++i) {
     const std::string key = "old-" + std::to_string(i);
-    idem::Claim c = store_.claim({.key = key, .retention = 1s, .mark_done = true});
+    idem::Claim c = store.claim({.key = key, .retention = 1s, .mark_done = true});
     ASSERT_EQ(c.status, ClaimStatus::acquired);
     if (i == 0) first_token = c.token;
   }
-  clock_.advance(2000);
-  // One write transaction purges at most purge_batch + 2 * inserted records.
-  store_.claim({.key = "new-0", .mark_done = true});
-  for (int i = 1; i < 8; ++i) store_.claim({.key = "new-" + std::to_string(i), .mark_done = true});
+  EXPECT_EQ(records(), 300);  // nothing expired yet: the sweep deleted nothing
+  clock.advance(2000);
+  for (int i = 0; i < 8; ++i) store.claim({.key = "new-" + std::to_string(i), .mark_done = true});
+  // 8 steps of 6 records: bounded, and most of what they saw had expired.
   const std::int64_t left = records();
-  EXPECT_GE(left, 300 + 8 - 64 - 2 * 8);
-  EXPECT_LT(left, 300 + 8);
-  EXPECT_EQ(store_.purge_expired(), static_cast<std::size_t>(left - 8));
+  EXPECT_GE(left, 308 - 8 * 6);
+  EXPECT_LE(left, 308 - 20);
+  EXPECT_EQ(store.purge_expired(), static_cast<std::size_t>(left - 8));
   EXPECT_EQ(records(), 8);
-  idem::Claim again = store_.claim({.key = "old-0"});
+  EXPECT_EQ(store.purge_expired(), 0u);
+  // A purged key comes back with a larger token than it ever had.
+  idem::Claim again = store.claim({.key = "old-0"});
   ASSERT_EQ(again.status, ClaimStatus::acquired);
   EXPECT_GT(again.token, first_token);
+  // In steady state the sweep keeps pace: the table stays near the live records.
+  for (int round = 0; round < 20; ++round) {
+    for (int i = 0; i < 50; ++i) {
+      store.claim({.key = "k-" + std::to_string(round) + "-" + std::to_string(i),
+                   .retention = 1s,
+                   .mark_done = true});
+    }
+    clock.advance(250);
+  }
+  EXPECT_LE(records(), 4 * 50 * 2);
 }
 
 TEST_F(SqliteInbox, DoneRecordsSurviveReopening) {

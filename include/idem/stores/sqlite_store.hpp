@@ -87,11 +87,14 @@ struct SqliteStoreOptions {
   /// Time source of leases and retention; nullptr: idem::system_clock() (wall clock, since
   /// several processes may share the file). Must outlive the store.
   const Clock* clock = nullptr;
-  /// Most expired records one purge step deletes (plus twice the records the transaction
-  /// inserted). 0: no automatic purge (call purge_expired()).
-  std::size_t purge_batch = 64;
-  /// A purge step runs in one write transaction out of this many (at least 1).
+  /// Expired records are deleted by a sweep along the primary key that rides on writes: one
+  /// write transaction in purge_interval (and any that inserted 64 records or more) examines
+  /// twice the records inserted since the previous step, plus purge_extra, and deletes the
+  /// expired ones. 0: no automatic purge (call purge_expired()).
   std::size_t purge_interval = 8;
+  /// Records a purge step examines beyond twice the records inserted (keeps the sweep moving
+  /// when few records are new).
+  std::size_t purge_extra = 8;
 };
 
 /// @brief A BLOB parameter (SqliteStatement binds std::string_view as TEXT).
