@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "idem/kafka.hpp"
+#include "support/tsan_c11_threads.hpp"
 
 namespace {
 
