@@ -607,9 +607,14 @@ struct SqliteStore::Impl {
         "WHERE key = ?1 AND token = ?2 AND state = 0");
     forget = conn.prepare_internal(
         "DELETE FROM idem_keys WHERE key = ?1 AND state <> 2 RETURNING token");
-    sweep = conn.prepare_internal(
-        "SELECT key, expires_at, state, token FROM idem_keys WHERE key > ?1 ORDER BY key "
-        "LIMIT ?2");
+    sweep_end = conn.prepare_internal(
+        "SELECT key FROM idem_keys WHERE key >= ?1 ORDER BY key LIMIT 1 OFFSET ?2");
+    sweep_delete_range = conn.prepare_internal(
+        "DELETE FROM idem_keys WHERE key IN (SELECT key FROM idem_keys WHERE key >= ?1 AND "
+        "key < ?4 AND (expires_at <= ?2 OR state = 2) ORDER BY key LIMIT ?3) RETURNING key, token");
+    sweep_delete_tail = conn.prepare_internal(
+        "DELETE FROM idem_keys WHERE key IN (SELECT key FROM idem_keys WHERE key >= ?1 AND "
+        "(expires_at <= ?2 OR state = 2) ORDER BY key LIMIT ?3) RETURNING key, token");
     erase = conn.prepare_internal("DELETE FROM idem_keys WHERE key = ?1");
     abandon = conn.prepare_internal(
         "UPDATE idem_keys SET state = 2, token = ?3, expires_at = ?2, response = NULL "
@@ -731,38 +736,44 @@ struct SqliteStore::Impl {
     step.blob(1, key).blob(2, response).run();
   }
 
-  // Examines up to `limit` records in key order from where the previous step stopped (wrapping
-  // at the end) and deletes the expired ones: done past retention, released, or in progress
-  // past the lease. Returns how many it deleted; *examined tells how many it looked at.
-  std::size_t purge_step(std::int64_t now, std::size_t limit, std::size_t* examined = nullptr,
-                         std::size_t max_delete = SIZE_MAX) {
-    std::vector<std::string> expired;
-    std::int64_t max_token = 0;
-    std::size_t seen = 0;
+  // Examines the next `limit` records in key order from where the previous step stopped
+  // (wrapping at the end) and deletes the expired ones, at most max_delete: done past
+  // retention, released, or in progress past the lease. Both scans run inside SQLite; only
+  // the deleted rows come back. Returns how many it deleted.
+  std::size_t purge_step(std::int64_t now, std::size_t limit, std::size_t max_delete = SIZE_MAX) {
+    const auto as_int = [](std::size_t n) {
+      return static_cast<std::int64_t>(std::min<std::size_t>(n, INT64_MAX));
+    };
+    std::optional<std::string> end;  // first key after the slice; none: the slice ends the table
     {
-      Step step(conn, sweep.get(), "purging expired records");
-      step.blob(1, sweep_cursor);
-      step.i64(2, static_cast<std::int64_t>(std::min<std::size_t>(limit, INT64_MAX)));
+      Step step(conn, sweep_end.get(), "purging expired records");
+      step.blob(1, sweep_cursor).i64(2, as_int(limit));
+      if (step.row()) end = std::string(step.column_blob(0));
+    }
+    std::size_t deleted = 0;
+    std::int64_t max_token = 0;
+    std::string last_deleted;
+    {
+      Step step(conn, end ? sweep_delete_range.get() : sweep_delete_tail.get(),
+                "purging expired records");
+      step.blob(1, sweep_cursor).i64(2, now).i64(3, as_int(max_delete));
+      if (end) step.blob(4, *end);
       while (step.row()) {
-        ++seen;
+        ++deleted;
+        max_token = std::max(max_token, step.column_int64(1));
         const std::string_view key = step.column_blob(0);
-        if (step.column_int64(1) <= now || step.column_int64(2) == kReleased) {
-          expired.emplace_back(key);
-          max_token = std::max(max_token, step.column_int64(3));
-        }
-        if (seen == limit || expired.size() == max_delete) {
-          sweep_cursor.assign(key);
-          break;
-        }
+        if (key > last_deleted) last_deleted.assign(key);  // memcmp order, as SQLite's BLOBs
       }
     }
-    if (seen < limit && expired.size() < max_delete) sweep_cursor.clear();  // start over
-    for (const std::string& key : expired) {
-      Step(conn, erase.get(), "purging expired records").blob(1, key).run();
+    if (deleted > 0) raise_floor(max_token);
+    if (deleted == max_delete) {
+      sweep_cursor = std::move(last_deleted);  // stopped early: resume right there
+    } else if (end) {
+      sweep_cursor = std::move(*end);
+    } else {
+      sweep_cursor.clear();  // reached the end: the next step starts over
     }
-    if (!expired.empty()) raise_floor(max_token);
-    if (examined != nullptr) *examined = seen;
-    return expired.size();
+    return deleted;
   }
 
   // Bounded work per write transaction: a slice of purge_extra + 2 * (records inserted since
@@ -861,12 +872,13 @@ struct SqliteStore::Impl {
 
   StmtPtr begin, commit, rollback, savepoint, release_savepoint, rollback_to_savepoint;
   StmtPtr meta_get, floor_raise, insert, select, retake, set_response, complete, release;
-  StmtPtr forget, sweep, erase, abandon, offset_get, offsets_all;
+  StmtPtr forget, sweep_end, sweep_delete_range, sweep_delete_tail, erase, abandon;
+  StmtPtr offset_get, offsets_all;
 
   std::size_t writes = 0;             // write transactions, for purge_interval
   std::size_t inserted = 0;           // records inserted since the last purge step
   std::optional<std::int64_t> floor;  // token_floor, cached for the open transaction
-  std::string sweep_cursor;           // the last key the purge sweep examined; empty: start
+  std::string sweep_cursor;           // where the purge sweep goes on (key >=); empty: start
 };
 
 // Serializes the threads of this process on the one connection, and refuses re-entry from a
@@ -1120,8 +1132,7 @@ std::size_t SqliteStore::purge_expired(std::size_t max_records) {
     first = false;
     const std::int64_t now = impl_->clock->now_ms();
     Impl::WriteTx tx(*impl_, now);
-    std::size_t examined = 0;
-    total += impl_->purge_step(now, kChunk, &examined, max_records - total);
+    total += impl_->purge_step(now, kChunk, max_records - total);
     tx.commit(/*housekeeping=*/false);
     if (impl_->sweep_cursor.empty()) break;  // reached the end of the table
   }
