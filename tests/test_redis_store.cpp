@@ -189,6 +189,17 @@ TEST(RedisStore, RejectsUnusableOptions) {
   EXPECT_THROW(RedisStore({.db = 2, .cluster = true}), idem::ConfigError);
 }
 
+TEST(RedisStore, UnixSocketAndDatabaseIndex) {
+  const std::string socket = "/tmp/idem-test-" + std::to_string(::getpid()) + ".sock";
+  RedisServer server({"--unixsocket", socket, "--unixsocketperm", "700"});
+  RedisStore store(RedisOptions{.unix_socket = socket, .db = 3, .key_prefix = "sock:"});
+  idem::Claim c = store.claim(request("k"));
+  ASSERT_EQ(c.status, ClaimStatus::acquired);
+  EXPECT_EQ(server.cli("-n 3 EXISTS sock:k:k").substr(0, 1), "1");
+  EXPECT_EQ(server.cli("-n 0 EXISTS sock:k:k").substr(0, 1), "0");
+  ::unlink(socket.c_str());
+}
+
 // --- Bad input -------------------------------------------------------------------------------
 
 template <class F>

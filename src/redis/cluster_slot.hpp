@@ -46,6 +46,13 @@ constexpr std::uint16_t key_slot(std::string_view key) noexcept {
   return static_cast<std::uint16_t>(crc16(key) & (kSlots - 1));
 }
 
+// The examples of the Redis Cluster specification.
+static_assert(crc16("123456789") == 0x31C3);
+static_assert(key_slot("{user1000}.following") == key_slot("{user1000}.followers"));
+static_assert(key_slot("foo{}{bar}") == (crc16("foo{}{bar}") & (kSlots - 1)));
+static_assert(key_slot("foo{{bar}}zap") == (crc16("{bar") & (kSlots - 1)));
+static_assert(key_slot("foo{bar}{zap}") == (crc16("bar") & (kSlots - 1)));
+
 /// A short alphanumeric hash tag for every slot: key_slot("{" + slot_tag(s) + "}") == s.
 const std::string& slot_tag(std::uint16_t slot);
 

@@ -426,7 +426,7 @@ std::vector<ReplyPtr> Node::exchange_once(std::span<Command* const> commands,
           throw;
         }
       }
-      freeReplyObject(raw);
+      ReplyPtr asking_reply(static_cast<redisReply*>(raw));
       raw = nullptr;
     }
     if (redisGetReply(ctx, &raw) != REDIS_OK) {
@@ -466,7 +466,7 @@ std::vector<ReplyPtr> Node::exchange(std::span<Command* const> commands,
           throw;
         }
       }
-      freeReplyObject(raw);
+      ReplyPtr loaded(static_cast<redisReply*>(raw));
       counters_.script_loads.fetch_add(1, std::memory_order_relaxed);
     }
   }

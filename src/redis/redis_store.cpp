@@ -166,7 +166,7 @@ struct RedisStore::Impl {
       std::lock_guard lock(scripts.mutex);
       if (!scripts.claim_sha.empty()) return;
     }
-    Node& n = *nodes.front();
+    Node& n = seed_node();
     (void)n.acquire();
   }
 
@@ -195,8 +195,14 @@ struct RedisStore::Impl {
     return 0;
   }
 
+  // The vector may grow (cluster nodes are added as they are discovered); the Nodes never move.
+  Node& seed_node() {
+    std::shared_lock lock(topology_mutex);
+    return *nodes.front();
+  }
+
   Node& owner_of(std::uint16_t slot) {
-    if (!options.cluster) return *nodes.front();
+    if (!options.cluster) return seed_node();
     {
       std::shared_lock lock(topology_mutex);
       if (have_map) return *nodes[slot_owner[slot]];
@@ -296,7 +302,7 @@ struct RedisStore::Impl {
       std::vector<Command*> cmds;
       cmds.reserve(calls.size());
       for (Call& c : calls) cmds.push_back(&c.command);
-      std::vector<ReplyPtr> replies = nodes.front()->exchange(cmds);
+      std::vector<ReplyPtr> replies = seed_node().exchange(cmds);
       for (std::size_t i = 0; i < calls.size(); ++i) calls[i].reply = std::move(replies[i]);
       return;
     }
@@ -567,7 +573,7 @@ void RedisStore::ping() {
 
 void RedisStore::with_connection(std::string_view routing_key,
                                  const std::function<void(redisContext*)>& f) {
-  Node& node = routing_key.empty() ? *impl_->nodes.front()
+  Node& node = routing_key.empty() ? impl_->seed_node()
                                    : impl_->owner_of(redis_detail::key_slot(routing_key));
   redis_detail::PooledConnection conn = node.acquire();
   f(conn.get());
