@@ -3,7 +3,6 @@
 /// @brief idem::PrometheusMetrics: an idem::Metrics that counts in lock-free atomics and
 /// renders the Prometheus text exposition format (version 0.0.4) for a /metrics endpoint.
 
-#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -45,10 +44,11 @@ struct HistogramSnapshot {
 
 /// @brief Counts what a consumer reports (Options::metrics) and renders it for Prometheus.
 ///
-/// The message path (add, observe) is a few relaxed atomic increments: no lock, no
-/// allocation. render() reads the atomics without stopping writers, so one scrape may see a
-/// message counted but its latency not yet observed; every histogram it prints is internally
-/// consistent (cumulative buckets never decrease, +Inf equals _count).
+/// The message path (add, observe) is one or two relaxed atomic increments on a per-thread
+/// stripe: no lock, no allocation, no shared cache line between threads in the common case.
+/// render() reads the atomics without stopping writers, so one scrape may see a message
+/// counted but its latency not yet observed (or a _sum a moment ahead of its _count); the
+/// buckets it prints are always cumulative (never decreasing) and +Inf always equals _count.
 ///
 /// Store gauges (records, bytes, evictions) are pulled at render time from the stores
 /// registered with add_store(); those callbacks run on the scraping thread.
@@ -103,19 +103,23 @@ class PrometheusMetrics final : public Metrics {
   static std::vector<double> default_buckets();
 
  private:
-  // One cache line per counter: consumers on different cores bump different counters most of
-  // the time (processed vs. duplicate), and false sharing would make them contend anyway.
-  struct alignas(64) PaddedCounter {
-    std::atomic<std::uint64_t> value{0};
+  // Cells are striped (like Java's LongAdder): each thread writes the stripe picked for it on
+  // first use, so consumers on different cores do not bounce one cache line between them on
+  // every message. render() adds the stripes up. Layout of one stripe, in cells:
+  //   [counters: kCounterCount][per timing: buckets + 1 (+Inf), then sum_ns]
+  // padded to whole cache lines.
+  static constexpr std::size_t kStripes = 16;
+  struct alignas(64) Line {
+    std::atomic<std::uint64_t> cells[8];
   };
-  struct Histogram {
-    explicit Histogram(std::size_t buckets) : counts(new std::atomic<std::uint64_t>[buckets]) {
-      for (std::size_t i = 0; i < buckets; ++i) counts[i].store(0, std::memory_order_relaxed);
-    }
-    // Per-bucket (not cumulative) counts, +Inf last: one increment per observation.
-    std::unique_ptr<std::atomic<std::uint64_t>[]> counts;
-    alignas(64) std::atomic<std::uint64_t> sum_ns{0};
-  };
+  std::atomic<std::uint64_t>& cell(std::size_t stripe, std::size_t index) const noexcept {
+    return lines_[stripe * stripe_lines_ + index / 8].cells[index % 8];
+  }
+  std::size_t histogram_cell(Timing timing) const noexcept {
+    return kCounterCount + static_cast<std::size_t>(timing) * (bounds_ns_.size() + 2);
+  }
+  static std::size_t this_thread_stripe() noexcept;
+
   struct Store {
     std::string label;
     StatsSource source;
@@ -127,8 +131,8 @@ class PrometheusMetrics final : public Metrics {
   std::vector<double> bounds_s_;
   std::vector<std::int64_t> bounds_ns_;  // the same bounds, compared on the hot path
   std::string const_labels_;             // rendered once: name="value",...
-  std::array<PaddedCounter, kCounterCount> counters_{};
-  std::vector<std::unique_ptr<Histogram>> histograms_;
+  std::size_t stripe_lines_ = 0;
+  std::unique_ptr<Line[]> lines_;
   mutable std::mutex stores_mutex_;  // guards stores_ only; never taken on the message path
   std::vector<Store> stores_;
 };

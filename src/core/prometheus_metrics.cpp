@@ -117,18 +117,24 @@ PrometheusMetrics::PrometheusMetrics(PrometheusOptions options)
     append_escaped(const_labels_, value);
     const_labels_ += '"';
   }
-  histograms_.reserve(kTimingCount);
-  for (int i = 0; i < kTimingCount; ++i) {
-    histograms_.push_back(std::make_unique<Histogram>(bounds_ns_.size() + 1));
-  }
+  const std::size_t cells = kCounterCount + kTimingCount * (bounds_ns_.size() + 2);
+  stripe_lines_ = (cells + 7) / 8;
+  lines_ = std::make_unique<Line[]>(kStripes * stripe_lines_);  // value-initialised: zeros
+}
+
+std::size_t PrometheusMetrics::this_thread_stripe() noexcept {
+  // Round-robin on first use: N threads get N different stripes up to kStripes.
+  static std::atomic<std::size_t> next{0};
+  thread_local const std::size_t stripe = next.fetch_add(1, std::memory_order_relaxed) % kStripes;
+  return stripe;
 }
 
 PrometheusMetrics::~PrometheusMetrics() = default;
 
 void PrometheusMetrics::add(Counter counter, std::uint64_t n) noexcept {
   const auto index = static_cast<std::size_t>(counter);
-  if (index >= counters_.size()) return;
-  counters_[index].value.fetch_add(n, std::memory_order_relaxed);
+  if (index >= kCounterCount) return;
+  cell(this_thread_stripe(), index).fetch_add(n, std::memory_order_relaxed);
 }
 
 std::size_t PrometheusMetrics::bucket_of(std::chrono::nanoseconds elapsed) const noexcept {
@@ -138,35 +144,46 @@ std::size_t PrometheusMetrics::bucket_of(std::chrono::nanoseconds elapsed) const
 }
 
 void PrometheusMetrics::observe(Timing timing, std::chrono::nanoseconds elapsed) noexcept {
-  const auto index = static_cast<std::size_t>(timing);
-  if (index >= histograms_.size()) return;
+  if (static_cast<std::size_t>(timing) >= kTimingCount) return;
   if (elapsed.count() < 0) elapsed = std::chrono::nanoseconds{0};  // a clock that stepped back
-  Histogram& h = *histograms_[index];
-  h.counts[bucket_of(elapsed)].fetch_add(1, std::memory_order_relaxed);
-  h.sum_ns.fetch_add(static_cast<std::uint64_t>(elapsed.count()), std::memory_order_relaxed);
+  const std::size_t base = histogram_cell(timing);
+  const std::size_t stripe = this_thread_stripe();
+  cell(stripe, base + bucket_of(elapsed)).fetch_add(1, std::memory_order_relaxed);
+  cell(stripe, base + bounds_ns_.size() + 1)
+      .fetch_add(static_cast<std::uint64_t>(elapsed.count()), std::memory_order_relaxed);
 }
 
 std::uint64_t PrometheusMetrics::value(Counter counter) const noexcept {
   const auto index = static_cast<std::size_t>(counter);
-  if (index >= counters_.size()) return 0;
-  return counters_[index].value.load(std::memory_order_relaxed);
+  if (index >= kCounterCount) return 0;
+  std::uint64_t total = 0;
+  for (std::size_t stripe = 0; stripe < kStripes; ++stripe) {
+    total += cell(stripe, index).load(std::memory_order_relaxed);
+  }
+  return total;
 }
 
 HistogramSnapshot PrometheusMetrics::histogram(Timing timing) const {
   HistogramSnapshot snapshot;
   snapshot.bounds = bounds_s_;
-  const auto index = static_cast<std::size_t>(timing);
-  if (index >= histograms_.size()) return snapshot;
-  const Histogram& h = *histograms_[index];
-  // The sum is read first: a concurrent observation then shows up at most in the counts,
-  // never as a sum without its count.
-  snapshot.sum_seconds = static_cast<double>(h.sum_ns.load(std::memory_order_relaxed)) / 1e9;
-  std::uint64_t running = 0;
-  snapshot.cumulative.reserve(bounds_ns_.size() + 1);
-  for (std::size_t i = 0; i <= bounds_ns_.size(); ++i) {
-    running += h.counts[i].load(std::memory_order_relaxed);
-    snapshot.cumulative.push_back(running);
+  if (static_cast<std::size_t>(timing) >= kTimingCount) return snapshot;
+  const std::size_t base = histogram_cell(timing);
+  const std::size_t buckets = bounds_ns_.size() + 1;
+  std::uint64_t sum_ns = 0;
+  snapshot.cumulative.assign(buckets, 0);
+  for (std::size_t stripe = 0; stripe < kStripes; ++stripe) {
+    for (std::size_t i = 0; i < buckets; ++i) {
+      snapshot.cumulative[i] += cell(stripe, base + i).load(std::memory_order_relaxed);
+    }
+    sum_ns += cell(stripe, base + buckets).load(std::memory_order_relaxed);
   }
+  // Cumulative from one copy of the per-bucket counts: never decreasing, +Inf == count.
+  std::uint64_t running = 0;
+  for (std::uint64_t& count : snapshot.cumulative) {
+    running += count;
+    count = running;
+  }
+  snapshot.sum_seconds = static_cast<double>(sum_ns) / 1e9;
   snapshot.count = running;
   return snapshot;
 }

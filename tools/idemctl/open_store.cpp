@@ -26,8 +26,7 @@ std::unique_ptr<idem::DedupStore> open_sqlite([[maybe_unused]] const SqliteUrl& 
     throw idem::StoreUnavailable("no SQLite database at \"" + url.path +
                                  "\": check the path (idemctl does not create databases)");
   }
-  // No automatic purge: idemctl only changes what the operator asked for.
-  return std::make_unique<idem::SqliteStore>(url.path, idem::SqliteStoreOptions{.purge_batch = 0});
+  return std::make_unique<idem::SqliteStore>(url.path);
 #else
   throw BackendNotBuilt(
       "this idemctl was built without the SQLite store (idem::sqlite); rebuild with "
