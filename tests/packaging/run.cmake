@@ -42,6 +42,10 @@ if(MODE STREQUAL "find_package")
   separate_arguments(extra UNIX_COMMAND "${EXTRA_FLAGS}")
   run(${CXX_COMPILER} -std=c++20 ${extra} ${PROJECT_DIR}/main.cpp -o ${WORK_DIR}/pc-consumer
       ${pc_flags})
+  # A shared build (-DBUILD_SHARED_LIBS=ON) needs the prefix on the loader's path.
+  run(${PKG_CONFIG} --variable=libdir idem)
+  string(STRIP "${last_output}" pc_libdir)
+  set(ENV{LD_LIBRARY_PATH} "${pc_libdir}:$ENV{LD_LIBRARY_PATH}")
   run(${WORK_DIR}/pc-consumer)
   message(STATUS "pkg-config consumer (${pc_flags}): ${last_output}")
 elseif(MODE STREQUAL "add_subdirectory")
