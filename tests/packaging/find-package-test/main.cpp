@@ -44,9 +44,9 @@ int main() {
   idem::PrometheusMetrics metrics;
   idem::MemoryStore memory;
   failures += consume_twice(memory, &metrics);
-  failures += check(metrics.render().find("idem_messages_total{outcome=\"duplicate\"} 1") !=
-                        std::string::npos,
-                    "metrics rendered");
+  failures += check(
+      metrics.render().find("idem_messages_total{outcome=\"duplicate\"} 1") != std::string::npos,
+      "metrics rendered");
 #ifdef IDEM_TEST_HAVE_SQLITE
   const auto path = std::filesystem::temp_directory_path() /
                     ("idem-find-package-" + idem::InnerMsgIdGenerator().next().to_string() + ".db");
