@@ -361,11 +361,15 @@ std::vector<std::size_t> worker_stream(std::size_t keys, std::size_t workers, st
 
 // Consumes the stream until every delivery is acked; in_progress and StoreUnavailable are
 // redelivered later. Threads with an odd index use consume_batch.
+// With runs and thrown_after_run: marks keys whose handler ran in a call that then failed.
 template <class Consumer>
 void drain(Consumer& consumer, const std::vector<std::string>& names,
-           const std::vector<std::size_t>& stream, bool batched, std::atomic<int>* acks) {
+           const std::vector<std::size_t>& stream, bool batched, std::atomic<int>* acks,
+           std::atomic<int>* runs = nullptr, std::atomic<int>* thrown_after_run = nullptr) {
   std::deque<std::size_t> queue(stream.begin(), stream.end());
-  while (!queue.empty()) {
+  // A broken store must fail the test, not hang it.
+  const auto give_up = std::chrono::steady_clock::now() + 90s;
+  while (!queue.empty() && std::chrono::steady_clock::now() < give_up) {
     std::vector<std::size_t> take;
     const std::size_t n = batched ? std::min<std::size_t>(50, queue.size()) : 1;
     for (std::size_t i = 0; i < n; ++i) {
@@ -375,10 +379,19 @@ void drain(Consumer& consumer, const std::vector<std::string>& names,
     std::vector<Message> batch;
     for (std::size_t i : take) batch.push_back({.key = names[i], .payload = "p"});
     std::vector<idem::Result> results;
+    std::vector<int> runs_before;
+    if (runs != nullptr) {
+      for (std::size_t i : take) runs_before.push_back(runs[i].load());
+    }
     try {
       results = batched ? consumer.consume_batch(batch)
                         : std::vector<idem::Result>{consumer.consume(batch[0])};
     } catch (const idem::StoreUnavailable&) {
+      if (runs != nullptr) {
+        for (std::size_t k = 0; k < take.size(); ++k) {
+          if (runs[take[k]].load() > runs_before[k]) thrown_after_run[take[k]]++;
+        }
+      }
       for (std::size_t i : take) queue.push_back(i);
       std::this_thread::sleep_for(20ms);
       continue;
@@ -589,36 +602,49 @@ std::vector<std::string> admin(int port, const std::vector<std::string>& args) {
   return out;
 }
 
-// Three masters on loopback, no replicas.
 class RedisCluster {
  public:
-  RedisCluster() {
-    for (int i = 0; i < 3; ++i) {
+  // Three masters on loopback; with replicas, each gets one replica (six servers).
+  explicit RedisCluster(bool replicas = false) {
+    for (int i = 0; i < (replicas ? 6 : 3); ++i) {
       nodes_.push_back(std::make_unique<RedisServer>(std::vector<std::string>{
           "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-          "--cluster-node-timeout", "3000", "--appendonly", "no"}));
+          "--cluster-node-timeout", replicas ? "1000" : "3000", "--appendonly", "no"}));
     }
     std::string create = "--cluster create";
     for (auto& n : nodes_) create += " 127.0.0.1:" + std::to_string(n->port());
-    std::string out = nodes_[0]->cli(create + " --cluster-replicas 0 --cluster-yes");
+    std::string out =
+        nodes_[0]->cli(create + " --cluster-replicas " + (replicas ? "1" : "0") + " --cluster-yes");
     if (out.find("All 16384 slots covered") == std::string::npos) {
       throw std::runtime_error("redis-cli --cluster create failed:\n" + out);
     }
-    const auto deadline = std::chrono::steady_clock::now() + 20s;
-    for (auto& n : nodes_) {
-      while (admin(n->port(), {"CLUSTER", "INFO"})[0].find("cluster_state:ok") ==
-             std::string::npos) {
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    auto wait_for = [&](std::size_t i, const std::vector<std::string>& cmd, const char* text) {
+      while (admin(port(i), cmd)[0].find(text) == std::string::npos) {
         if (std::chrono::steady_clock::now() > deadline) {
-          throw std::runtime_error("the cluster did not reach cluster_state:ok in 20 s");
+          throw std::runtime_error(std::string("the cluster did not reach ") + text);
         }
         std::this_thread::sleep_for(50ms);
       }
+    };
+    for (std::size_t i = 0; i < nodes_.size(); ++i) {
+      wait_for(i, {"CLUSTER", "INFO"}, "cluster_state:ok");
+      if (replicas) {
+        std::string role = admin(port(i), {"INFO", "replication"})[0];
+        wait_for(i, {"INFO", "replication"},
+                 role.find("role:master") != std::string::npos ? "connected_slaves:1"
+                                                               : "master_link_status:up");
+      }
     }
   }
+  void kill(std::size_t i) { nodes_[i]->kill_hard(); }
+  // Restarts a killed node on its port with its nodes.conf: it rejoins as a replica.
+  void restart(std::size_t i) { nodes_[i]->start(); }
   int port(std::size_t i) const { return nodes_[i]->port(); }
   std::string id(std::size_t i) const { return admin(port(i), {"CLUSTER", "MYID"})[0]; }
   std::size_t owner(std::uint16_t slot) const {
     for (std::size_t i = 0; i < nodes_.size(); ++i) {
+      if (!nodes_[i]->running()) continue;
       std::string nodes = admin(port(i), {"CLUSTER", "NODES"})[0];
       // "<id> <ip:port@cport> myself,master - 0 0 1 connected 0-5460 ..."
       std::istringstream lines(nodes);
@@ -734,6 +760,93 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
       std::stoul(admin(cluster.port(to), {"CLUSTER", "COUNTKEYSINSLOT", std::to_string(hot)})[0]),
       kKeys / 10);
   EXPECT_EQ(consumer.consume({.key = names[0], .payload = "p"}).outcome, Outcome::duplicate);
+}
+
+TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
+  RedisCluster cluster(/*replicas=*/true);
+  const std::size_t kKeys = kSanitized ? 4'000 : 10'000;
+  constexpr std::size_t kThreads = 4;
+  std::vector<std::string> names;
+  for (std::size_t i = 0; i < kKeys; ++i) {
+    names.push_back((i % 10 == 0 ? "{hot}order-" : "order-") + std::to_string(i));
+  }
+  std::unique_ptr<std::atomic<int>[]> runs(new std::atomic<int>[kKeys]);
+  std::unique_ptr<std::atomic<int>[]> acks(new std::atomic<int>[kKeys]);
+  std::unique_ptr<std::atomic<int>[]> thrown(new std::atomic<int>[kKeys]);
+  for (std::size_t i = 0; i < kKeys; ++i) runs[i] = acks[i] = thrown[i] = 0;
+
+  RedisOptions o = options_for(cluster.port(0), "failover");
+  o.cluster = true;
+  o.wait_replicas = 1;  // a record counts once the replica has it
+  o.wait_timeout = 500ms;
+  o.command_timeout = 500ms;
+  o.connect_timeout = 300ms;
+  RedisStore store(o);
+  store.ping();
+  const std::uint16_t hot = static_cast<std::uint16_t>(
+      std::stoi(admin(cluster.port(0), {"CLUSTER", "KEYSLOT", store.record_key(names[0])})[0]));
+  const std::size_t victim = cluster.owner(hot);
+
+  idem::IdempotentConsumer consumer(
+      store,
+      [&](const Message& m) {
+        std::string_view k = m.key;
+        runs[std::stoul(std::string(k.substr(k.find('-') + 1)))]++;
+      },
+      idem::Options{.lease = 2s});
+  std::vector<std::thread> threads;
+  std::size_t total = 0;
+  for (std::size_t t = 0; t < kThreads; ++t) total += worker_stream(kKeys, kThreads, t).size();
+  for (std::size_t t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      drain(consumer, names, worker_stream(kKeys, kThreads, t), t % 2 == 1, acks.get(), runs.get(),
+            thrown.get());
+    });
+  }
+  auto acked_now = [&] {
+    std::size_t a = 0;
+    for (std::size_t i = 0; i < kKeys; ++i) a += static_cast<std::size_t>(acks[i].load());
+    return a;
+  };
+  while (acked_now() < total / 3) std::this_thread::sleep_for(5ms);
+  cluster.kill(victim);
+  const auto killed = std::chrono::steady_clock::now();
+  std::size_t new_owner = victim;
+  while (new_owner == victim && std::chrono::steady_clock::now() - killed < 20s) {
+    std::this_thread::sleep_for(50ms);
+    try {
+      new_owner = cluster.owner(hot);
+    } catch (const std::runtime_error&) {
+    }
+  }
+  const auto promoted = std::chrono::steady_clock::now();
+  // The promoted replica has no replica of its own, so WAIT 1 cannot succeed on it until the
+  // old master comes back (as its replica); until then its slots report StoreUnavailable.
+  cluster.restart(victim);
+  for (std::thread& t : threads) t.join();
+  using ms = std::chrono::milliseconds;
+  std::printf(
+      "failover: replica on node %zu took slot %u after %lld ms; drained %lld ms later\n",
+      new_owner, static_cast<unsigned>(hot),
+      static_cast<long long>(std::chrono::duration_cast<ms>(promoted - killed).count()),
+      static_cast<long long>(
+          std::chrono::duration_cast<ms>(std::chrono::steady_clock::now() - promoted).count()));
+
+  std::size_t never = 0, unexplained_reruns = 0, reruns = 0;
+  for (std::size_t i = 0; i < kKeys; ++i) {
+    never += runs[i] == 0;
+    if (runs[i] > 1) {
+      ++reruns;
+      if (thrown[i] == 0) ++unexplained_reruns;
+    }
+  }
+  std::printf("failover: %zu handlers re-ran after a completion lost in the crash\n", reruns);
+  EXPECT_NE(new_owner, victim) << "no replica was promoted";
+  EXPECT_EQ(never, 0u);
+  EXPECT_EQ(acked_now(), total);
+  // Only a handler whose completion failed in the crash may run again (after its lease).
+  EXPECT_EQ(unexplained_reruns, 0u);
+  EXPECT_LE(reruns, kThreads * 50) << "at most the calls in flight at the crash";
 }
 
 }  // namespace

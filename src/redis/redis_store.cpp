@@ -109,6 +109,7 @@ struct RedisStore::Impl {
     if (options.max_keys_per_call == 0) {
       throw ConfigError("RedisOptions::max_keys_per_call must be at least 1");
     }
+    if (options.wait_replicas < 0) throw ConfigError("RedisOptions::wait_replicas must be >= 0");
     if (options.cluster && options.db != 0) {
       throw ConfigError("RedisOptions::db must be 0 with a Redis Cluster (it has only db 0)");
     }
@@ -297,12 +298,46 @@ struct RedisStore::Impl {
   // the map and retries, ASK retries once at the importing node behind ASKING, TRYAGAIN
   // (a slot mid-migration) and CLUSTERDOWN wait and retry, and a node that fails is dropped
   // from the map by a refresh. Gives up after max_redirects rounds or command_timeout.
+  // Not worth retrying: the writes happened on the master, only their replication is unsure.
+  struct ReplicationShortfall : StoreUnavailable {
+    using StoreUnavailable::StoreUnavailable;
+  };
+
+  // One pipeline to one node, followed by WAIT when asked for.
+  std::vector<ReplyPtr> exchange(Node& node, std::vector<Command*>& cmds,
+                                 std::span<const bool> asking = {}) {
+    if (options.wait_replicas <= 0) return node.exchange(cmds, asking);
+    Command wait{"WAIT"};
+    wait.add_owned(decimal(options.wait_replicas));
+    wait.add_owned(decimal(positive_ms(options.wait_timeout)));
+    cmds.push_back(&wait);
+    std::unique_ptr<bool[]> flags(new bool[cmds.size()]);
+    for (std::size_t i = 0; i + 1 < cmds.size(); ++i) flags[i] = !asking.empty() && asking[i];
+    flags[cmds.size() - 1] = false;
+    std::vector<ReplyPtr> replies =
+        node.exchange(cmds, std::span<const bool>(flags.get(), cmds.size()));
+    cmds.pop_back();
+    ReplyPtr ack = std::move(replies.back());
+    replies.pop_back();
+    if (ack->type != REDIS_REPLY_INTEGER || ack->integer < options.wait_replicas) {
+      throw ReplicationShortfall(
+          "Redis at " + node.endpoint().text() + " got " +
+          (ack->type == REDIS_REPLY_INTEGER ? std::to_string(ack->integer)
+                                            : redis_detail::reply_text(ack.get())) +
+          " of RedisOptions::wait_replicas=" + std::to_string(options.wait_replicas) +
+          " replica acknowledgements within wait_timeout (" +
+          std::to_string(options.wait_timeout.count()) +
+          " ms): a failover now could forget this call; check the replicas' links");
+    }
+    return replies;
+  }
+
   void run(std::vector<Call>& calls) {
     if (!options.cluster) {
       std::vector<Command*> cmds;
-      cmds.reserve(calls.size());
+      cmds.reserve(calls.size() + 1);
       for (Call& c : calls) cmds.push_back(&c.command);
-      std::vector<ReplyPtr> replies = seed_node().exchange(cmds);
+      std::vector<ReplyPtr> replies = exchange(seed_node(), cmds);
       for (std::size_t i = 0; i < calls.size(); ++i) calls[i].reply = std::move(replies[i]);
       return;
     }
@@ -341,7 +376,9 @@ struct RedisStore::Impl {
         }
         std::vector<ReplyPtr> replies;
         try {
-          replies = node->exchange(cmds, std::span<const bool>(asking.get(), idxs.size()));
+          replies = exchange(*node, cmds, std::span<const bool>(asking.get(), idxs.size()));
+        } catch (const ReplicationShortfall&) {
+          throw;
         } catch (const StoreUnavailable& e) {
           // The node is down or failing over: re-read the map (a replica may be promoted)
           // and retry. A call that did run before the failure is safe to repeat: a repeated

@@ -57,6 +57,12 @@ struct RedisOptions {
   std::size_t max_redirects = 16;
   /// Most keys one claim or completion script call carries (bounds how long Redis is busy).
   std::size_t max_keys_per_call = 128;
+  /// When > 0, every round trip ends with `WAIT wait_replicas wait_timeout`: a claim or a
+  /// completion counts only once that many replicas have it, so a failover to one of them
+  /// cannot forget it. Fewer acknowledgements within wait_timeout: idem::StoreUnavailable.
+  /// 0 (default): replication stays asynchronous (see docs/stores/redis.md, crash points).
+  int wait_replicas = 0;
+  std::chrono::milliseconds wait_timeout{std::chrono::milliseconds{100}};
 };
 
 /// @brief Counters of a RedisStore since construction.
