@@ -121,6 +121,7 @@ struct Consumer::Impl {
       for (int i = 0; i < partitions->cnt; ++i) {
         partitions_[{partitions->elems[i].topic, partitions->elems[i].partition}] = {};
       }
+      cached_state_ = nullptr;
       apply_user_offsets(partitions);
       if (cooperative) {
         ErrorPtr error(rd_kafka_incremental_assign(rk, partitions));
@@ -128,8 +129,6 @@ struct Consumer::Impl {
       } else if (rd_kafka_resp_err_t e = rd_kafka_assign(rk, partitions)) {
         report(std::string("kafka assign: ") + rd_kafka_err2str(e));
       }
-      // A partition paused for a retry before it was revoked must not stay paused.
-      rd_kafka_resume_partitions(rk, partitions);
       return;
     }
     if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
@@ -144,9 +143,7 @@ struct Consumer::Impl {
           report(std::string("on_revoke threw: ") + e.what());
         }
       }
-      for (int i = 0; i < partitions->cnt; ++i) {
-        partitions_.erase({partitions->elems[i].topic, partitions->elems[i].partition});
-      }
+      forget(partitions);
       if (cooperative) {
         ErrorPtr error(rd_kafka_incremental_unassign(rk, partitions));
       } else {
@@ -155,12 +152,29 @@ struct Consumer::Impl {
       return;
     }
     report(std::string("kafka rebalance error: ") + rd_kafka_err2str(err));
+    forget(partitions);
+    if (!cooperative) partitions_.clear();  // assign(nullptr) below drops them all
     if (cooperative) {
       ErrorPtr error(rd_kafka_incremental_unassign(rk, partitions));
     } else {
       rd_kafka_assign(rk, nullptr);
     }
-    partitions_.clear();
+  }
+
+  // Drops the state of partitions we give up. One we paused for a retry is resumed first:
+  // librdkafka keeps the pause across a later re-assignment, and resuming a partition that was
+  // never paused is not free (it restarts its fetch), so only ours are touched.
+  void forget(const rd_kafka_topic_partition_list_t* partitions) {
+    for (int i = 0; i < partitions->cnt; ++i) {
+      auto it = partitions_.find({partitions->elems[i].topic, partitions->elems[i].partition});
+      if (it == partitions_.end()) continue;
+      if (it->second.paused) {
+        PartitionListPtr list = one_partition(it->first, it->second.blocked_at);
+        rd_kafka_resume_partitions(rk_.get(), list.get());
+      }
+      partitions_.erase(it);
+    }
+    cached_state_ = nullptr;
   }
 
   void apply_user_offsets(rd_kafka_topic_partition_list_t* partitions) {
@@ -309,10 +323,17 @@ struct Consumer::Impl {
       }
       return;
     }
-    PartitionKey key{rd_kafka_topic_name(m.rkt), m.partition};
-    auto found = partitions_.find(key);
-    if (found == partitions_.end()) return;  // no longer ours (revoked in this poll)
-    PartitionState& state = found->second;
+    // Records come in runs from one partition: skip the map lookup (and the topic string) then.
+    if (cached_state_ == nullptr || m.rkt != cached_rkt_ || m.partition != cached_partition_) {
+      auto found = partitions_.find({rd_kafka_topic_name(m.rkt), m.partition});
+      if (found == partitions_.end()) return;  // no longer ours (revoked in this poll)
+      cached_rkt_ = m.rkt;
+      cached_partition_ = m.partition;
+      cached_key_ = &found->first;
+      cached_state_ = &found->second;
+    }
+    const PartitionKey& key = *cached_key_;
+    PartitionState& state = *cached_state_;
     // A copy fetched before a seek-back: either already settled, or behind a held record.
     if (m.offset < state.next_offset) return;
     if (state.blocked_at >= 0 && m.offset != state.blocked_at) return;
@@ -451,6 +472,11 @@ struct Consumer::Impl {
   HandlePtr rk_;
   std::map<PartitionKey, PartitionState> partitions_;
   std::vector<Header> headers_;  // reused per record
+  // The last partition handled; reset whenever partitions_ loses entries.
+  const rd_kafka_topic_t* cached_rkt_ = nullptr;
+  std::int32_t cached_partition_ = -1;
+  const PartitionKey* cached_key_ = nullptr;
+  PartitionState* cached_state_ = nullptr;
   Clock::time_point last_commit_{};
   ConsumerStats stats_{};
   std::atomic<bool> stop_{false};
