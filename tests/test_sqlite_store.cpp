@@ -556,6 +556,31 @@ TEST(SqlitePurge, ExpiredRecordsArePurgedInBoundedStepsAndTokensKeepRising) {
   EXPECT_LE(records(), 4 * 50 * 2);
 }
 
+TEST_F(SqliteInbox, OperatorHooksInspectCountAndPurge) {
+  idem::Claim held = store_.claim({.key = "held", .lease = 10s});
+  ASSERT_EQ(held.status, ClaimStatus::acquired);
+  idem::Claim done = store_.claim({.key = "done"});
+  ASSERT_TRUE(
+      store_.complete({.key = "done", .token = done.token, .response = "r", .retention = 60s}));
+  std::optional<idem::RecordInfo> info = store_.inspect("done");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, idem::RecordInfo::State::done);
+  EXPECT_EQ(info->token, done.token);
+  EXPECT_EQ(info->expires_in_ms, 60'000);
+  EXPECT_EQ(info->response, "r");
+  EXPECT_EQ(store_.inspect("held")->state, idem::RecordInfo::State::in_progress);
+  EXPECT_FALSE(store_.inspect("absent").has_value());
+  idem::StoreStats stats = store_.stats_summary();
+  EXPECT_EQ(stats.records, 2u);
+  EXPECT_EQ(stats.in_progress, 1u);
+  EXPECT_EQ(stats.done, 1u);
+  EXPECT_GT(stats.bytes, 0u);
+  clock_.advance(20'000);  // the lease has ended
+  EXPECT_EQ(store_.stats_summary().in_progress, 0u);
+  EXPECT_EQ(store_.purge_expired_records(100), 1u);
+  EXPECT_EQ(store_.stats_summary().records, 1u);
+}
+
 TEST_F(SqliteInbox, DoneRecordsSurviveReopening) {
   int runs = 0;
   {

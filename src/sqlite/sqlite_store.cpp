@@ -619,6 +619,11 @@ struct SqliteStore::Impl {
     abandon = conn.prepare_internal(
         "UPDATE idem_keys SET state = 2, token = ?3, expires_at = ?2, response = NULL "
         "WHERE key = ?1");
+    count = conn.prepare_internal(
+        "SELECT count(*), coalesce(sum(state = 0 AND expires_at > ?1), 0), "
+        "coalesce(sum(state = 1 AND expires_at > ?1), 0) FROM idem_keys");
+    file_bytes = conn.prepare_internal(
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()");
     offset_get = conn.prepare_internal(kOffsetSql);
     offsets_all = conn.prepare_internal(
         "SELECT topic, partition_id, next_offset FROM idem_offsets ORDER BY topic, partition_id");
@@ -876,7 +881,7 @@ struct SqliteStore::Impl {
   StmtPtr begin, commit, rollback, savepoint, release_savepoint, rollback_to_savepoint;
   StmtPtr meta_get, floor_raise, insert, select, retake, set_response, complete, release;
   StmtPtr forget, sweep_end, sweep_expired_range, sweep_expired_tail, erase, abandon;
-  StmtPtr offset_get, offsets_all;
+  StmtPtr offset_get, offsets_all, count, file_bytes;
 
   std::size_t writes = 0;             // write transactions, for purge_interval
   std::size_t inserted = 0;           // records inserted since the last purge step
@@ -1122,6 +1127,41 @@ void SqliteStore::save_offsets(std::span<const PartitionOffset> offsets) {
     user.save_offset(offset.topic, offset.partition, offset.next_offset);
   }
   tx.commit();
+}
+
+std::optional<RecordInfo> SqliteStore::do_inspect(std::string_view key) {
+  Lock lock(*impl_);
+  const std::int64_t now = impl_->clock->now_ms();
+  Step step(impl_->conn, impl_->select.get(), "reading the key's record");
+  step.blob(1, key);
+  if (!step.row()) return std::nullopt;
+  RecordInfo info;
+  const std::int64_t state = step.column_int64(0);
+  info.state = state == kInProgress ? RecordInfo::State::in_progress
+               : state == kDone     ? RecordInfo::State::done
+                                    : RecordInfo::State::released;
+  info.token = static_cast<std::uint64_t>(step.column_int64(1));
+  info.expires_in_ms = step.column_int64(2) - now;
+  if (!step.column_is_null(4)) info.response = std::string(step.column_blob(4));
+  return info;
+}
+
+StoreStats SqliteStore::do_stats_summary() {
+  Lock lock(*impl_);
+  const std::int64_t now = impl_->clock->now_ms();
+  StoreStats stats;
+  {
+    Step step(impl_->conn, impl_->count.get(), "counting records");
+    step.i64(1, now);
+    if (step.row()) {
+      stats.records = static_cast<std::uint64_t>(step.column_int64(0));
+      stats.in_progress = static_cast<std::uint64_t>(step.column_int64(1));
+      stats.done = static_cast<std::uint64_t>(step.column_int64(2));
+    }
+  }
+  Step size(impl_->conn, impl_->file_bytes.get(), "reading the database size");
+  if (size.row()) stats.bytes = static_cast<std::uint64_t>(size.column_int64(0));
+  return stats;
 }
 
 std::size_t SqliteStore::purge_expired(std::size_t max_records) {

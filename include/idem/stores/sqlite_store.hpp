@@ -72,8 +72,10 @@ enum class SqliteSync {
   /// fsync the WAL at every commit: a committed message survives power loss (default).
   full,
   /// fsync only at checkpoints: survives a process crash, but the last commits before a
-  /// power loss or OS crash may roll back (their messages are then redelivered and processed
-  /// again: still exactly-once for effects kept in the same file).
+  /// power loss or OS crash may roll back. Messages acked after those commits are then neither
+  /// recorded nor (with the transactional inbox) in effect, and the broker will not redeliver
+  /// them, unless the consumer resumes from offsets kept in the same file
+  /// (consume_batch_with_offsets), which roll back with them and are read again.
   normal,
 };
 
@@ -302,6 +304,12 @@ class SqliteStore final : public DedupStore {
   bool do_forget(std::string_view key) override;
   std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests) override;
   std::vector<bool> do_complete_batch(std::span<const Completion> completions) override;
+  std::optional<RecordInfo> do_inspect(std::string_view key) override;
+  /// Counts with one scan of the table: keep operators' polling intervals long.
+  StoreStats do_stats_summary() override;
+  std::size_t do_purge_expired(std::size_t max_records) override {
+    return purge_expired(max_records);
+  }
 
   class Lock;
   struct Impl;
