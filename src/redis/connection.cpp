@@ -164,14 +164,6 @@ redis.call('DEL', KEYS[1])
 return 1
 )lua";
 
-std::string_view Scripts::text_of(std::string_view sha) {
-  std::lock_guard lock(mutex);
-  if (sha == claim_sha) return claim;
-  if (sha == complete_sha) return complete;
-  if (sha == release_sha) return release;
-  return {};
-}
-
 // --- Pool ------------------------------------------------------------------------------------
 
 PooledConnection::~PooledConnection() {

@@ -75,7 +75,6 @@ struct Scripts {
   static const std::string_view release;
   std::mutex mutex;
   std::string claim_sha, complete_sha, release_sha;
-  std::string_view text_of(std::string_view sha);
 };
 
 struct Counters {

@@ -96,8 +96,9 @@ class RedisStore final : public DedupStore {
   void ping();
 
   /// @brief Runs f with a pooled, connected, authenticated hiredis context of the node that
-  /// owns `routing_key` (the seed node when empty). The escape hatch for anything the store
-  /// does not wrap; do not keep the pointer after f returns.
+  /// owns the Redis key `routing_key`, e.g. record_key(k) (the seed node when empty). The
+  /// escape hatch for anything the store does not wrap; do not keep the pointer after f
+  /// returns, and leave the connection as you found it (no pending replies, same db).
   /// @throws idem::StoreUnavailable when no connection can be made.
   void with_connection(std::string_view routing_key, const std::function<void(redisContext*)>& f);
 
