@@ -142,11 +142,14 @@ void signal_fd(int fd) {
 }
 
 // Consumes msg-0 .. msg-(n-1) through the transactional inbox, one business row each, resuming
-// a little before the committed offset (a broker redelivers its uncommitted tail).
+// a little before the committed offset (a broker redelivers its uncommitted tail). With
+// IDEM_QUOTA set it stops after that many deliveries and waits to be killed, so a kill round
+// cannot finish the input early.
 int crash_child() {
   const std::string path = env_or("IDEM_DB", "");
   const std::int64_t n = std::stoll(env_or("IDEM_N", "0"));
   const bool batched = env_or("IDEM_BATCHED", "0") == "1";
+  const std::size_t quota = std::stoul(env_or("IDEM_QUOTA", "0"));
   SqliteStore store(path, {.synchronous = idem::SqliteSync::normal});
   IdempotentConsumer consumer(store, [&](const Message& m, SqliteTx& tx) {
     const std::int64_t i = index_of(m.key);
@@ -160,6 +163,7 @@ int crash_child() {
   std::vector<std::string> keys;
   for (std::int64_t i = start; i < n; ++i) keys.push_back("msg-" + std::to_string(i));
   std::mt19937 rng(static_cast<unsigned>(::getpid()));
+  if (quota > 0 && keys.size() > quota) keys.resize(quota);
   std::size_t next = 0;
   while (next < keys.size()) {
     if (!batched) {
@@ -177,6 +181,9 @@ int crash_child() {
       if (!r.should_ack()) return 4;
     }
     next += size;
+  }
+  if (quota > 0) {
+    for (;;) ::pause();  // until the parent's SIGKILL
   }
   return 0;
 }
@@ -718,15 +725,20 @@ TEST(SqliteProcesses, SigkilledConsumersLoseAndDuplicateNothing) {
   const unsigned seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
-  int kills = 0, runs = 0;
+  int kills = 0, runs = 0, mid_run_kills = 0;
   std::int64_t done = 0;
   std::chrono::microseconds window = 3ms;  // kill at a random moment in [0, window)
   for (;;) {
     int ready[2];
     ASSERT_EQ(::pipe(ready), 0);
+    // Kill rounds get a quota (what is left, spread over the kills still due), so every one of
+    // them ends in a SIGKILL even if the machine suddenly speeds up; the last run finishes.
+    const std::int64_t quota =
+        kills < kMinKills ? std::max<std::int64_t>(50, (n - done) / (kMinKills - kills)) : 0;
     const pid_t pid = spawn_child({{"IDEM_SQLITE_CHILD", "crash"},
                                    {"IDEM_DB", path},
                                    {"IDEM_N", std::to_string(n)},
+                                   {"IDEM_QUOTA", std::to_string(quota)},
                                    {"IDEM_BATCHED", runs % 2 ? "1" : "0"},
                                    {"IDEM_READY_FD", std::to_string(ready[1])}});
     ASSERT_GT(pid, 0);
@@ -746,15 +758,19 @@ TEST(SqliteProcesses, SigkilledConsumersLoseAndDuplicateNothing) {
       ASSERT_EQ(code, 0) << "child failed on run " << runs;
     }
     const std::int64_t now_done = RawDb(path).scalar("SELECT count(*) FROM cards");
-    // Aim for about n / 80 messages per run, so the kills spread over the whole input.
+    // Aim to kill most runs mid-way through their quota: shrink the window when a run got
+    // through (nearly) all of it, widen it when a run barely started.
     const std::int64_t progress = now_done - done;
-    if (progress > n / 60) window = window / 2 + 100us;
-    if (progress < n / 120) window = window * 5 / 4 + 200us;
+    // A run that did not get through its quota (less the replayed tail) was killed mid-way.
+    if (code == 128 + SIGKILL && progress < quota - 25) ++mid_run_kills;
+    if (quota > 0 && progress >= quota * 3 / 4) window = window / 2 + 100us;
+    if (quota > 0 && progress < quota / 4) window = window * 5 / 4 + 200us;
     if (code == 0) break;
     done = now_done;
     ASSERT_LT(runs, 2000) << "no progress";
   }
   EXPECT_GE(kills, kMinKills);
+  EXPECT_GE(mid_run_kills, kMinKills / 5) << "the kills must land while messages are consumed";
   RawDb raw(path);
   EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards"), n);
   EXPECT_EQ(raw.scalar("SELECT count(DISTINCT msg) FROM cards"), n);
@@ -763,8 +779,10 @@ TEST(SqliteProcesses, SigkilledConsumersLoseAndDuplicateNothing) {
   EXPECT_EQ(raw.scalar("SELECT count(*) FROM idem_keys WHERE state = 1"), n);
   EXPECT_EQ(raw.scalar("SELECT next_offset FROM idem_offsets WHERE topic = 'crash'"), n);
   EXPECT_EQ(raw.text("PRAGMA integrity_check"), "ok");
-  std::printf("[          ] %d runs, %d SIGKILLs, %lld messages, %lld done before the last run\n",
-              runs, kills, static_cast<long long>(n), static_cast<long long>(done));
+  std::printf(
+      "[          ] %d runs, %d SIGKILLs (%d mid-run), %lld messages, %lld done before the last "
+      "run\n",
+      runs, kills, mid_run_kills, static_cast<long long>(n), static_cast<long long>(done));
 }
 
 TEST(SqliteProcesses, TwoProcessesOfFourThreadsRunEachHandlerOnce) {
