@@ -673,8 +673,6 @@ struct SqliteStore::Impl {
   void run(const StmtPtr& stmt, std::string_view what) { Step(conn, stmt.get(), what).run(); }
 
   // Tokens of a key strictly increase: a kept record counts up from its own token; a new record
-  // starts above token_floor, which is raised to every token a deleted record held.
-  // Tokens of a key strictly increase: a kept record counts up from its own token; a new record
   // starts above token_floor, which is raised to every token a deleted record held. Read once
   // per transaction (a separate SELECT is cheaper than INSERT ... RETURNING).
   std::int64_t token_floor() {
