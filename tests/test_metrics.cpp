@@ -135,11 +135,14 @@ TEST(PrometheusMetrics, StoreErrorsAreCounted) {
   idem::IdempotentConsumer consumer(store, [](const idem::Message&) {}, {.metrics = &metrics});
   EXPECT_THROW(consumer.consume({.key = "k"}), idem::StoreUnavailable);
   EXPECT_EQ(at(parse(metrics.render()), "idem_store_errors_total"), 1);
-  // A store that cannot count shows as down, without gauges.
+  // A store that cannot count (no stats hook) is left out; one that fails shows as down.
   metrics.add_store(store);
+  metrics.add_store(
+      "flaky", []() -> idem::StoreStats { throw idem::StoreUnavailable("connection refused"); });
   const auto samples = parse(metrics.render());
-  EXPECT_EQ(at(samples, R"(idem_store_up{store="broken"})"), 0);
-  EXPECT_EQ(samples.count(R"(idem_store_records{store="broken"})"), 0u);
+  EXPECT_EQ(samples.count(R"(idem_store_up{store="broken"})"), 0u);
+  EXPECT_EQ(at(samples, R"(idem_store_up{store="flaky"})"), 0);
+  EXPECT_EQ(samples.count(R"(idem_store_records{store="flaky"})"), 0u);
 }
 
 TEST(PrometheusMetrics, HistogramBucketsAreCumulativeAndMonotonic) {

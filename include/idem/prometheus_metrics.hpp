@@ -83,7 +83,8 @@ class PrometheusMetrics final : public Metrics {
 
   /// @brief Publishes the gauges of a store under {store="<label>"}; source is called on
   /// every render() and must stay valid (and thread-safe) as long as this object renders.
-  /// A source that throws is shown as idem_store_up 0 for that scrape.
+  /// A source that throws is shown as idem_store_up 0 for that scrape; one that throws
+  /// idem::ConfigError (a store without the stats hook) is left out of the output.
   /// @throws idem::ConfigError when label is already registered.
   void add_store(std::string label, StatsSource source);
   /// @brief add_store() for any DedupStore, through its stats_summary() operator hook.

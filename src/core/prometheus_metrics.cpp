@@ -288,10 +288,14 @@ std::string PrometheusMetrics::render() const {
     try {
       row.stats = store.source();
       row.up = true;
+    } catch (const ConfigError&) {
+      // The backend has no stats hook (DedupStore's default): not down, just silent.
+      continue;
     } catch (...) {  // NOLINT(bugprone-empty-catch): a failing store shows as up 0
     }
     rows.push_back(std::move(row));
   }
+  if (rows.empty()) return out;
   append_header(out, "idem_store_up", "gauge",
                 "1 when the store answered the last stats request, 0 when it failed.");
   for (const Row& row : rows) append_sample(out, "idem_store_up", row.labels, row.up ? 1.0 : 0.0);
