@@ -95,12 +95,12 @@ namespace {
 
 TEST(RedisStore, ExpiredLeaseIsTakenOverAndTheStaleHoldersCompleteIsRefused) {
   RedisStore store(options_for(shared_server().port(), "lease"));
-  idem::Claim stale = store.claim(request("pay-9", 300ms));
+  idem::Claim stale = store.claim(request("pay-9", 600ms));
   ASSERT_EQ(stale.status, ClaimStatus::acquired);
   EXPECT_FALSE(stale.took_over);
-  EXPECT_EQ(store.claim(request("pay-9", 300ms)).status, ClaimStatus::in_progress);
-  std::this_thread::sleep_for(450ms);
-  idem::Claim fresh = store.claim(request("pay-9", 300ms));
+  EXPECT_EQ(store.claim(request("pay-9", 600ms)).status, ClaimStatus::in_progress);
+  std::this_thread::sleep_for(800ms);
+  idem::Claim fresh = store.claim(request("pay-9", 600ms));
   ASSERT_EQ(fresh.status, ClaimStatus::acquired);
   EXPECT_TRUE(fresh.took_over) << "a takeover within the grace period is reported";
   EXPECT_GT(fresh.token, stale.token);
@@ -127,6 +127,7 @@ TEST(RedisStore, StaleConsumerCannotOverwriteItsSuccessor) {
       slow_options);
   std::thread stale(
       [&] { EXPECT_EQ(slow.consume({.key = "k", .payload = "p"}).outcome, Outcome::processed); });
+  while (runs.load() == 0) std::this_thread::sleep_for(1ms);  // the stale holder is in
   std::this_thread::sleep_for(500ms);
   idem::IdempotentConsumer fast(
       store,
@@ -233,6 +234,8 @@ TEST(RedisStoreBadInput, WrongPasswordSaysWhatToFix) {
 
 TEST(RedisStoreBadInput, WrongPortIsRefusedQuickly) {
   RedisOptions o = options_for(idem::test_support::free_port(), "port");
+  o.reconnect_backoff_min = 2s;
+  o.reconnect_backoff_max = 5s;
   RedisStore store(o);
   const auto start = std::chrono::steady_clock::now();
   std::string what = unavailable_message([&] { store.claim(request("k")); });

@@ -322,7 +322,7 @@ void Node::handshake(redisContext* ctx) {
       throw StoreUnavailable("Redis at " + endpoint_.text() + " refused SCRIPT LOAD (" +
                              reply_text(reply.get()) +
                              "): the store needs Lua scripting (EVALSHA, SCRIPT) allowed for its "
-                             "user; Redis >= 6.2 is required");
+                             "user");
     }
     shas[i] = reply_text(reply.get());
   }

@@ -74,7 +74,7 @@ struct RedisStoreStats {
   std::uint64_t script_loads = 0;  ///< SCRIPT LOADs, including reloads after NOSCRIPT
 };
 
-/// @brief DedupStore on Redis >= 6.2 (single server or Redis Cluster).
+/// @brief DedupStore on Redis (single server or Redis Cluster; tested with 7.0).
 ///
 /// One claim or completion is one Lua script call (EVALSHA) and one round trip; a batch is
 /// one script call per group of keys (per hash slot in a cluster), all pipelined, so a
