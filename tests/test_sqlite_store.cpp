@@ -516,6 +516,16 @@ TEST_F(SqliteInbox, StatementHelpersReportBadSqlClearly) {
       EXPECT_EQ(e.code(), SQLITE_ERROR);
     }
     EXPECT_THROW(tx.exec("SELECT 1; SELECT 2"), idem::SqliteError);
+    // The same SQL twice at once: the second is a private (finalized) copy; moves are fine.
+    idem::SqliteStatement first = tx.prepare("SELECT ?1");
+    idem::SqliteStatement second = tx.prepare("SELECT ?1");
+    first.bind_all(1);
+    second.bind_all(2);
+    idem::SqliteStatement moved = std::move(second);
+    ASSERT_TRUE(first.step());
+    ASSERT_TRUE(moved.step());
+    EXPECT_EQ(first.column_int64(0), 1);
+    EXPECT_EQ(moved.column_int64(0), 2);
   });
 }
 

@@ -19,10 +19,7 @@ namespace {
 struct DbCloser {
   void operator()(sqlite3* db) const noexcept { sqlite3_close_v2(db); }
 };
-struct StmtFinalizer {
-  void operator()(sqlite3_stmt* stmt) const noexcept { sqlite3_finalize(stmt); }
-};
-using StmtPtr = std::unique_ptr<sqlite3_stmt, StmtFinalizer>;
+using StmtPtr = std::unique_ptr<sqlite3_stmt, SqliteStmtFinalizer>;
 
 struct StringHash {
   using is_transparent = void;
@@ -217,7 +214,7 @@ class SqliteConnection {
       (void)inserted;
       return SqliteStatement(this, slot->second.stmt.get(), &slot->second.in_use);
     }
-    return SqliteStatement(this, owned.release(), nullptr);
+    return SqliteStatement(this, std::move(owned));
   }
 
  private:
@@ -284,20 +281,21 @@ class SqliteConnection {
 
 // --- SqliteStatement -------------------------------------------------------------------------
 
+void detail::SqliteStmtFinalizer::operator()(sqlite3_stmt* stmt) const noexcept {
+  sqlite3_finalize(stmt);
+}
+
 SqliteStatement::SqliteStatement(SqliteStatement&& other) noexcept
     : connection_(other.connection_),
+      owned_(std::move(other.owned_)),
       stmt_(std::exchange(other.stmt_, nullptr)),
-      in_use_(other.in_use_) {}
+      in_use_(std::exchange(other.in_use_, nullptr)) {}
 
 SqliteStatement::~SqliteStatement() {
-  if (stmt_ == nullptr) return;
-  if (in_use_ != nullptr) {
-    sqlite3_reset(stmt_);
-    sqlite3_clear_bindings(stmt_);
-    *in_use_ = false;
-  } else {
-    sqlite3_finalize(stmt_);
-  }
+  if (in_use_ == nullptr) return;  // owned_ finalizes an uncached statement
+  sqlite3_reset(stmt_);
+  sqlite3_clear_bindings(stmt_);
+  *in_use_ = false;
 }
 
 namespace {

@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "idem/claim.hpp"
@@ -34,7 +35,11 @@ namespace idem {
 
 namespace detail {
 class SqliteConnection;
-}
+/// Finalizes a statement (for std::unique_ptr).
+struct SqliteStmtFinalizer {
+  void operator()(sqlite3_stmt* stmt) const noexcept;
+};
+}  // namespace detail
 
 /// @brief An SQLite call failed in a way that makes the store unusable for now (busy past
 /// busy_timeout, I/O error, disk full, read-only or corrupt file, ...). Nothing was recorded
@@ -180,12 +185,18 @@ class SqliteStatement {
 
  private:
   friend class detail::SqliteConnection;
-  SqliteStatement(detail::SqliteConnection* connection, sqlite3_stmt* stmt, bool* in_use) noexcept
-      : connection_(connection), stmt_(stmt), in_use_(in_use) {}
+  // Borrowed from the connection's cache: reset and handed back on destruction.
+  SqliteStatement(detail::SqliteConnection* connection, sqlite3_stmt* cached, bool* in_use) noexcept
+      : connection_(connection), stmt_(cached), in_use_(in_use) {}
+  // Not cached (the cache is full, or the same SQL is already in use): finalized here.
+  SqliteStatement(detail::SqliteConnection* connection,
+                  std::unique_ptr<sqlite3_stmt, detail::SqliteStmtFinalizer> owned) noexcept
+      : connection_(connection), owned_(std::move(owned)), stmt_(owned_.get()), in_use_(nullptr) {}
 
   detail::SqliteConnection* connection_;
-  sqlite3_stmt* stmt_;
-  bool* in_use_;  // the cache slot's flag; nullptr when the statement is owned (finalized here)
+  std::unique_ptr<sqlite3_stmt, detail::SqliteStmtFinalizer> owned_;
+  sqlite3_stmt* stmt_;  // owned_.get() or the cache's statement
+  bool* in_use_;        // the cache slot's flag; nullptr for an owned statement
 };
 
 /// @brief The open write transaction a transactional handler runs in. Everything executed
