@@ -84,6 +84,15 @@ TEST(Consumer, AcceptsEveryHandlerForm) {
   EXPECT_EQ(object_form.handler().calls, 1);
 }
 
+std::string plain_function_handler(const Message& m) { return std::string(m.key); }
+
+TEST(Consumer, AcceptsAPlainFunctionPointer) {
+  idem::MemoryStore store;
+  idem::IdempotentConsumer consumer(store, &plain_function_handler);
+  EXPECT_EQ(consumer.consume({.key = "k"}).response, "k");
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::duplicate);
+}
+
 TEST(Consumer, WorksThroughTheAbstractStore) {
   idem::MemoryStore memory;
   idem::DedupStore& store = memory;

@@ -66,8 +66,10 @@ class IdempotentConsumer {
 
  public:
   /// @brief Wraps handler; store must outlive the consumer.
-  IdempotentConsumer(Store& store, Handler handler, Options options = {})
-      : store_(store), handler_(std::move(handler)), options_(options) {}
+  // (Parameter names differ from the accessors so a function-pointer handler does not trip
+  // -Wshadow in users' builds.)
+  IdempotentConsumer(Store& dedup_store, Handler wrapped, Options consumer_options = {})
+      : store_(dedup_store), handler_(std::move(wrapped)), options_(consumer_options) {}
 
   /// @brief Runs the handler unless the key is done or held; see idem::Outcome for what to do
   /// with the message afterwards.
