@@ -337,6 +337,40 @@ TEST(RedisStoreBadInput, BinaryKeysAndA512ByteKeyWork) {
   EXPECT_THROW(store.claim(request(std::string(513, 'k'))), idem::InvalidMessage);
 }
 
+TEST(RedisStoreOutage, PausedServerTimesOutWithinCommandTimeoutThenRecovers) {
+  RedisServer server;
+  RedisOptions o = options_for(server.port(), "pause");
+  o.command_timeout = 200ms;
+  RedisStore store(o);
+  ASSERT_EQ(store.claim(request("before")).status, ClaimStatus::acquired);
+  // CLIENT PAUSE holds every client's commands: the server is up but does not answer.
+  EXPECT_NE(server.cli("CLIENT PAUSE 1500 ALL").find("OK"), std::string::npos);
+  const auto start = std::chrono::steady_clock::now();
+  std::string what = unavailable_message([&] { store.claim(request("during")); });
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_NE(what.find("no reply"), std::string::npos) << what;
+  EXPECT_NE(what.find("command_timeout (200 ms)"), std::string::npos) << what;
+  EXPECT_LT(took, 1000ms);
+  std::this_thread::sleep_for(1500ms);
+  // The timed-out connection was closed; a fresh one works. The timed-out claim may have run
+  // once the pause ended: then the key is held (in_progress), never handed out twice.
+  ClaimStatus after = store.claim(request("during")).status;
+  EXPECT_TRUE(after == ClaimStatus::acquired || after == ClaimStatus::in_progress);
+  EXPECT_EQ(store.claim(request("after")).status, ClaimStatus::acquired);
+}
+
+TEST(RedisStoreBadInput, ExhaustedPoolSaysWhichOptionToRaise) {
+  RedisOptions o = options_for(shared_server().port(), "pool");
+  o.pool_size = 1;
+  o.pool_wait_timeout = 100ms;
+  RedisStore store(o);
+  store.with_connection("", [&](redisContext*) {
+    std::string what = unavailable_message([&] { store.claim(request("k")); });
+    EXPECT_NE(what.find("RedisOptions::pool_size"), std::string::npos) << what;
+  });
+  EXPECT_EQ(store.claim(request("k")).status, ClaimStatus::acquired);
+}
+
 // --- Many processes --------------------------------------------------------------------------
 
 // Shared between forked processes.
