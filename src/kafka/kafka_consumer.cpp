@@ -8,6 +8,7 @@
 #include <thread>
 #include <utility>
 
+#include "idem/adapters/verdict.hpp"
 #include "kafka_detail.hpp"
 
 namespace idem::kafka {
@@ -30,6 +31,21 @@ using detail::PartitionListPtr;
 
 // What happens to a record's offset after the consume step.
 enum class Action { settle, retry_counted, retry, dead_letter };
+
+Action action_for(Disposition disposition) {
+  switch (disposition) {
+    case Disposition::settle:
+      return Action::settle;
+    case Disposition::retry_counted:
+      return Action::retry_counted;
+    case Disposition::dead_letter:
+      return Action::dead_letter;
+    case Disposition::retry:
+    case Disposition::hold:
+      break;
+  }
+  return Action::retry;
+}
 
 struct PartitionState {
   std::int64_t next_offset = -1;  // offset after the last settled record; -1: none yet
@@ -363,43 +379,17 @@ struct Consumer::Impl {
     };
 
     ++stats_.records;
-    Action action = Action::retry;
-    std::string reason;
-    try {
+    Verdict verdict = decide([&] {
       const Message message{.key = key_of(record),
                             .payload = record.payload,
                             .inner_id = record.header(options_.inner_id_header).value_or("")};
       Result result = consume_(message);
       if (options_.on_result) options_.on_result(record, result);
-      switch (result.outcome) {
-        case Outcome::processed:
-        case Outcome::duplicate:
-          action = Action::settle;
-          break;
-        case Outcome::failed:
-          action = Action::retry_counted;
-          reason = "handler failed";
-          break;
-        case Outcome::in_progress:
-          action = Action::retry;
-          reason = "key in progress elsewhere";
-          break;
-        case Outcome::conflict:
-          action = Action::dead_letter;
-          reason = "payload conflict: key reused with a different payload";
-          break;
-      }
-    } catch (const InvalidMessage& e) {
-      action = Action::dead_letter;
-      reason = std::string("invalid message: ") + e.what();
-    } catch (const StoreUnavailable& e) {
-      action = Action::retry;
-      reason = std::string("store unavailable: ") + e.what();
-    } catch (const std::exception& e) {  // a handler error rethrown on request
-      action = Action::retry_counted;
-      reason = std::string("handler failed: ") + e.what();
-    }
-
+      return result;
+    });
+    std::string& reason = verdict.reason;
+    // Kafka cannot hold one record aside: a store outage pauses the partition like a retry.
+    Action action = action_for(verdict.disposition);
     if (action == Action::retry_counted) {
       if (state.blocked_at != m.offset) {
         state.blocked_at = m.offset;

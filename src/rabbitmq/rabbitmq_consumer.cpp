@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "idem/adapters/verdict.hpp"
 #include "rabbitmq_detail.hpp"
 
 namespace idem::rabbitmq {
@@ -27,6 +28,21 @@ using detail::bytes;
 using detail::view;
 
 enum class Action { ack, requeue_later, dead_letter, hold };
+
+Action action_for(Disposition disposition) {
+  switch (disposition) {
+    case Disposition::settle:
+      return Action::ack;
+    case Disposition::dead_letter:
+      return Action::dead_letter;
+    case Disposition::hold:
+      return Action::hold;
+    case Disposition::retry:
+    case Disposition::retry_counted:
+      break;
+  }
+  return Action::requeue_later;
+}
 
 // A delivery whose store was unavailable: kept unacked and retried locally after a backoff.
 struct Held {
@@ -175,39 +191,14 @@ struct Consumer::Impl {
   void process(std::uint64_t tag, const Message& message, const Delivery& delivery,
                std::int64_t delivery_count, unsigned held_retries) {
     ++stats_.deliveries;
-    Action action = Action::requeue_later;
-    std::string reason;
-    bool counted = false;
-    try {
+    Verdict verdict = decide([&] {
       Result result = consume_(message);
       if (options_.on_result) options_.on_result(delivery, result);
-      switch (result.outcome) {
-        case Outcome::processed:
-        case Outcome::duplicate:
-          action = Action::ack;
-          break;
-        case Outcome::failed:
-          counted = true;
-          reason = "handler failed";
-          break;
-        case Outcome::in_progress:
-          action = Action::requeue_later;
-          break;
-        case Outcome::conflict:
-          action = Action::dead_letter;
-          reason = "payload conflict: key reused with a different payload";
-          break;
-      }
-    } catch (const InvalidMessage& e) {
-      action = Action::dead_letter;
-      reason = std::string("invalid message: ") + e.what();
-    } catch (const StoreUnavailable& e) {
-      action = Action::hold;
-      reason = e.what();
-    } catch (const std::exception& e) {  // a handler error rethrown on request
-      counted = true;
-      reason = std::string("handler failed: ") + e.what();
-    }
+      return result;
+    });
+    const std::string& reason = verdict.reason;
+    const bool counted = verdict.disposition == Disposition::retry_counted;
+    Action action = action_for(verdict.disposition);
 
     const std::string key(message.key);
     if (counted) {
@@ -235,7 +226,7 @@ struct Consumer::Impl {
         deferred_.push_back({tag, Clock::now() + options_.retry_delay});
         break;
       case Action::hold: {
-        report("store unavailable, holding the message: " + reason);
+        report("holding the message: " + reason);
         Held held{.tag = tag,
                   .key = key,
                   .body = std::string(message.payload),

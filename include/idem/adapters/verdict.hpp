@@ -1,0 +1,57 @@
+#pragma once
+/// @file
+/// @brief idem::Verdict: what a broker adapter does with a delivery once consume() has run;
+/// the one mapping every adapter shares (Kafka commits, RabbitMQ acks).
+
+#include <exception>
+#include <string>
+#include <utility>
+
+#include "idem/error.hpp"
+#include "idem/result.hpp"
+
+namespace idem {
+
+/// @brief The transport-neutral action for one delivery.
+enum class Disposition {
+  settle,         ///< processed or duplicate: ack / commit past it
+  retry,          ///< another worker holds the key: redeliver later, no attempt counted
+  retry_counted,  ///< the handler failed: redeliver, counting one attempt toward the limit
+  dead_letter,    ///< a payload conflict or an invalid message: retrying cannot help
+  hold,           ///< the store is unavailable: keep the delivery unacked and back off
+};
+
+/// @brief A Disposition and, for anything but settle, why (for logs and dead-letter headers).
+struct Verdict {
+  Disposition disposition = Disposition::retry;
+  std::string reason{};
+};
+
+/// @brief Runs consume (a callable returning idem::Result) and maps its outcome, or the idem
+/// exception it throws, to a Verdict. A message is settled only when it was processed or is a
+/// known duplicate.
+template <class Consume>
+Verdict decide(Consume&& consume) {
+  try {
+    switch (std::forward<Consume>(consume)().outcome) {
+      case Outcome::processed:
+      case Outcome::duplicate:
+        return {Disposition::settle};
+      case Outcome::failed:
+        return {Disposition::retry_counted, "handler failed"};
+      case Outcome::in_progress:
+        return {Disposition::retry, "key in progress elsewhere"};
+      case Outcome::conflict:
+        return {Disposition::dead_letter, "payload conflict: key reused with a different payload"};
+    }
+  } catch (const InvalidMessage& e) {
+    return {Disposition::dead_letter, std::string("invalid message: ") + e.what()};
+  } catch (const StoreUnavailable& e) {
+    return {Disposition::hold, std::string("store unavailable: ") + e.what()};
+  } catch (const std::exception& e) {  // a handler error rethrown on request
+    return {Disposition::retry_counted, std::string("handler failed: ") + e.what()};
+  }
+  return {Disposition::retry, "unknown outcome"};
+}
+
+}  // namespace idem
