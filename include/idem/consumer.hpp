@@ -18,6 +18,7 @@
 #include "idem/dedup_store.hpp"
 #include "idem/detail/function_ref.hpp"
 #include "idem/detail/invoke_handler.hpp"
+#include "idem/detail/settle.hpp"
 #include "idem/fingerprint.hpp"
 #include "idem/message.hpp"
 #include "idem/metrics.hpp"
@@ -136,20 +137,6 @@ class IdempotentConsumer {
     };
   }
 
-  static std::optional<Result> settled(Claim& claim) {
-    switch (claim.status) {
-      case ClaimStatus::done:
-        return Result{.outcome = Outcome::duplicate, .response = std::move(claim.response)};
-      case ClaimStatus::in_progress:
-        return Result{.outcome = Outcome::in_progress};
-      case ClaimStatus::conflict:
-        return Result{.outcome = Outcome::conflict};
-      case ClaimStatus::acquired:
-        break;
-    }
-    return std::nullopt;
-  }
-
   // Runs the handler under an acquired claim; on failure releases it (after_success) or keeps
   // the key done (before_processing: at-most-once). Never throws: callers rethrow when asked,
   // after they have recorded what the rest of a batch did.
@@ -198,7 +185,7 @@ class IdempotentConsumer {
   }
 
   Result settle_or_run(const Message& message, Claim& claim) {
-    if (std::optional<Result> early = settled(claim)) return std::move(*early);
+    if (std::optional<Result> early = detail::settled(claim)) return std::move(*early);
     if (claim.took_over && options_.metrics) options_.metrics->add(Counter::lease_takeovers);
     return run_handler(message, claim.token);
   }

@@ -38,6 +38,10 @@ struct StoreStats {
 /// @throws idem::InvalidMessage with a message that says what to change.
 void validate_key(std::string_view key, std::size_t max_key_bytes);
 
+/// @brief validate_key for every request of a batch.
+/// @throws idem::InvalidMessage naming the first bad request's index.
+void validate_keys(std::span<const ClaimRequest> requests);
+
 /// @brief Abstract dedup record store.
 ///
 /// The public, non-virtual methods validate keys once for every backend and translate any

@@ -18,7 +18,7 @@ void validate_key(std::string_view key, std::size_t max_key_bytes) {
   }
 }
 
-std::vector<Claim> DedupStore::claim_batch(std::span<const ClaimRequest> requests) {
+void validate_keys(std::span<const ClaimRequest> requests) {
   for (std::size_t i = 0; i < requests.size(); ++i) {
     try {
       validate_key(requests[i].key, requests[i].max_key_bytes);
@@ -27,6 +27,10 @@ std::vector<Claim> DedupStore::claim_batch(std::span<const ClaimRequest> request
                            "; nothing in the batch was processed");
     }
   }
+}
+
+std::vector<Claim> DedupStore::claim_batch(std::span<const ClaimRequest> requests) {
+  validate_keys(requests);
   return translate_errors([&] { return do_claim_batch(requests); });
 }
 

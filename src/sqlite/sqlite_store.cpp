@@ -12,6 +12,8 @@
 #include <thread>
 #include <unordered_map>
 
+#include "idem/detail/settle.hpp"
+
 namespace idem {
 namespace detail {
 namespace {
@@ -521,19 +523,6 @@ class Step {
   std::string_view what_;
 };
 
-Result settled(Claim& claim) {
-  switch (claim.status) {
-    case ClaimStatus::done:
-      return Result{.outcome = Outcome::duplicate, .response = std::move(claim.response)};
-    case ClaimStatus::in_progress:
-      return Result{.outcome = Outcome::in_progress};
-    case ClaimStatus::conflict:
-    case ClaimStatus::acquired:
-      break;
-  }
-  return Result{.outcome = Outcome::conflict};
-}
-
 std::string describe(const std::exception_ptr& error) {
   try {
     std::rethrow_exception(error);
@@ -1036,7 +1025,7 @@ Result SqliteStore::consume_in_transaction(
   // The record is written done before the handler runs, so both commit together.
   bool fresh = false;
   Claim claim = m.claim_row(request, now, /*done=*/true, &fresh);
-  if (claim.status != ClaimStatus::acquired) return settled(claim);
+  if (std::optional<Result> early = detail::settled(claim)) return std::move(*early);
   Result result = m.run_handler(
       request, claim, fresh, now, [&] { return handler(user); }, Impl::kNoIndex);
   tx.commit();
@@ -1047,14 +1036,7 @@ std::vector<Result> SqliteStore::consume_batch_in_transaction(
     std::span<const ClaimRequest> requests,
     detail::FunctionRef<std::optional<std::string>(std::size_t, SqliteTx&)> handler,
     std::span<const PartitionOffset> offsets) {
-  for (std::size_t i = 0; i < requests.size(); ++i) {
-    try {
-      validate_key(requests[i].key, requests[i].max_key_bytes);
-    } catch (const InvalidMessage& e) {
-      throw InvalidMessage("message " + std::to_string(i) + " of the batch: " + e.what() +
-                           "; nothing in the batch was processed");
-    }
-  }
+  validate_keys(requests);
   std::vector<Result> results(requests.size());
   Lock lock(*impl_);
   Impl& m = *impl_;
@@ -1064,8 +1046,8 @@ std::vector<Result> SqliteStore::consume_batch_in_transaction(
   for (std::size_t i = 0; i < requests.size(); ++i) {
     bool fresh = false;
     Claim claim = m.claim_row(requests[i], now, /*done=*/true, &fresh);
-    if (claim.status != ClaimStatus::acquired) {
-      results[i] = settled(claim);
+    if (std::optional<Result> early = detail::settled(claim)) {
+      results[i] = std::move(*early);
       continue;
     }
     results[i] = m.run_handler(
