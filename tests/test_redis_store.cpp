@@ -11,6 +11,7 @@
 #include <iterator>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -181,6 +182,103 @@ TEST(RedisStore, RecordsLiveUnderThePrefixAndExpireWithPx) {
   EXPECT_GT(std::stoll(ttl), 50'000);
   EXPECT_TRUE(store.forget("order-1"));
   EXPECT_EQ(raw_get(store, store.record_key("order-1")), "<nil>");
+}
+
+// --- Operator hooks (idemctl inspect / stats / purge-expired) --------------------------------
+
+TEST(RedisStoreOperator, InspectReadsAbsentInProgressAndDoneRecords) {
+  RedisStore store(options_for(shared_server().port(), "inspect"));
+  EXPECT_FALSE(store.inspect("never-seen").has_value());
+
+  const idem::Claim held = store.claim(request("held", 30s));
+  ASSERT_EQ(held.status, ClaimStatus::acquired);
+  std::optional<idem::RecordInfo> info = store.inspect("held");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, idem::RecordInfo::State::in_progress);
+  EXPECT_EQ(info->token, held.token);
+  EXPECT_GT(info->expires_in_ms, 25'000) << "the lease, not the record's 2 x lease PTTL";
+  EXPECT_LE(info->expires_in_ms, 30'000);
+  EXPECT_FALSE(info->response.has_value());
+
+  ASSERT_TRUE(store.complete({.key = "held",
+                              .token = held.token,
+                              .response = std::string("bin\0resp", 8),
+                              .retention = 60s}));
+  info = store.inspect("held");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, idem::RecordInfo::State::done);
+  EXPECT_EQ(info->token, held.token);
+  EXPECT_GT(info->expires_in_ms, 55'000);
+  EXPECT_LE(info->expires_in_ms, 60'000);
+  EXPECT_EQ(info->response, std::string("bin\0resp", 8));
+
+  const idem::Claim plain = store.claim(request("plain"));
+  ASSERT_TRUE(store.complete({.key = "plain", .token = plain.token, .retention = 60s}));
+  info = store.inspect("plain");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, idem::RecordInfo::State::done);
+  EXPECT_FALSE(info->response.has_value());
+
+  // A released claim is deleted: it reads as absent, like an expired or forgotten one.
+  const idem::Claim dropped = store.claim(request("dropped"));
+  ASSERT_TRUE(store.release("dropped", dropped.token));
+  EXPECT_FALSE(store.inspect("dropped").has_value());
+
+  // A lease that ran out shows as in progress, expired (until the grace deletes it).
+  ASSERT_EQ(store.claim(request("lapsed", 50ms)).status, ClaimStatus::acquired);
+  std::this_thread::sleep_for(60ms);
+  info = store.inspect("lapsed");
+  if (info) {
+    EXPECT_EQ(info->state, idem::RecordInfo::State::in_progress);
+    EXPECT_LE(info->expires_in_ms, 0);
+  }
+}
+
+TEST(RedisStoreOperator, InspectOfAForeignValueSaysSo) {
+  RedisStore store(options_for(shared_server().port(), "foreign"));
+  shared_server().cli("SET " + store.record_key("x") + " hello");
+  EXPECT_THROW(store.inspect("x"), idem::StoreUnavailable);
+}
+
+TEST(RedisStoreOperator, StatsCountRecordsUnderThePrefixOnly) {
+  RedisStore store(options_for(shared_server().port(), "stats"));
+  RedisStore other(options_for(shared_server().port(), "stats-other"));
+  ASSERT_EQ(other.claim(request("elsewhere")).status, ClaimStatus::acquired);
+  idem::StoreStats s = store.stats_summary();
+  EXPECT_EQ(s.records, 0u);
+
+  // 1 500 done (more than one SCAN batch), 3 in progress, 1 released.
+  std::vector<std::string> names;
+  for (int i = 0; i < 1'500; ++i) names.push_back("done-" + std::to_string(i));
+  std::vector<ClaimRequest> requests;
+  for (const std::string& n : names) requests.push_back(request(n));
+  std::vector<idem::Claim> claims = store.claim_batch(requests);
+  std::vector<idem::Completion> completions;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    ASSERT_EQ(claims[i].status, ClaimStatus::acquired);
+    completions.push_back({.key = names[i], .token = claims[i].token, .retention = 60s});
+  }
+  for (bool ok : store.complete_batch(completions)) ASSERT_TRUE(ok);
+  for (const char* k : {"p1", "p2", "p3"}) {
+    ASSERT_EQ(store.claim(request(k)).status, ClaimStatus::acquired);
+  }
+  const idem::Claim gone = store.claim(request("released"));
+  ASSERT_TRUE(store.release("released", gone.token));
+
+  s = store.stats_summary();
+  EXPECT_EQ(s.records, 1'503u);
+  EXPECT_EQ(s.done, 1'500u);
+  EXPECT_EQ(s.in_progress, 3u);
+  EXPECT_GT(s.bytes, 1'503u * 50) << "MEMORY USAGE of every record";
+  EXPECT_EQ(s.evictions, 0u);
+}
+
+TEST(RedisStoreOperator, PurgeExpiredHasNothingToDo) {
+  RedisStore store(options_for(shared_server().port(), "purge"));
+  ASSERT_EQ(store.claim(request("brief", 1ms)).status, ClaimStatus::acquired);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(store.purge_expired_records(1'000), 0u);
+  EXPECT_FALSE(store.inspect("brief").has_value()) << "Redis expired it already (PX)";
 }
 
 TEST(RedisStore, RejectsUnusableOptions) {
@@ -797,6 +895,14 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
       std::stoul(admin(cluster.port(to), {"CLUSTER", "COUNTKEYSINSLOT", std::to_string(hot)})[0]),
       kKeys / 10);
   EXPECT_EQ(consumer.consume({.key = names[0], .payload = "p"}).outcome, Outcome::duplicate);
+  // The operator hooks see every record on every master, the migrated slot included.
+  const idem::StoreStats s = store.stats_summary();
+  EXPECT_EQ(s.records, kKeys);
+  EXPECT_EQ(s.done, kKeys);
+  EXPECT_EQ(s.in_progress, 0u);
+  const std::optional<idem::RecordInfo> info = store.inspect(names[0]);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, idem::RecordInfo::State::done);
 }
 
 TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {

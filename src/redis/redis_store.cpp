@@ -4,11 +4,15 @@
 #include <array>
 #include <charconv>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
+#include <string_view>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -304,9 +308,10 @@ struct RedisStore::Impl {
   };
 
   // One pipeline to one node, followed by WAIT when asked for.
+  // Reads (operator inspection) pass replicate = false: there is nothing to wait for.
   std::vector<ReplyPtr> exchange(Node& node, std::vector<Command*>& cmds,
-                                 std::span<const bool> asking = {}) {
-    if (options.wait_replicas <= 0) return node.exchange(cmds, asking);
+                                 std::span<const bool> asking = {}, bool replicate = true) {
+    if (options.wait_replicas <= 0 || !replicate) return node.exchange(cmds, asking);
     Command wait{"WAIT"};
     wait.add_owned(decimal(options.wait_replicas));
     wait.add_owned(decimal(positive_ms(options.wait_timeout)));
@@ -332,12 +337,12 @@ struct RedisStore::Impl {
     return replies;
   }
 
-  void run(std::vector<Call>& calls) {
+  void run(std::vector<Call>& calls, bool replicate = true) {
     if (!options.cluster) {
       std::vector<Command*> cmds;
       cmds.reserve(calls.size() + 1);
       for (Call& c : calls) cmds.push_back(&c.command);
-      std::vector<ReplyPtr> replies = exchange(seed_node(), cmds);
+      std::vector<ReplyPtr> replies = exchange(seed_node(), cmds, {}, replicate);
       for (std::size_t i = 0; i < calls.size(); ++i) calls[i].reply = std::move(replies[i]);
       return;
     }
@@ -376,7 +381,8 @@ struct RedisStore::Impl {
         }
         std::vector<ReplyPtr> replies;
         try {
-          replies = exchange(*node, cmds, std::span<const bool>(asking.get(), idxs.size()));
+          replies =
+              exchange(*node, cmds, std::span<const bool>(asking.get(), idxs.size()), replicate);
         } catch (const ReplicationShortfall&) {
           throw;
         } catch (const StoreUnavailable& e) {
@@ -588,6 +594,174 @@ struct RedisStore::Impl {
     if (r->type != REDIS_REPLY_INTEGER) bad_reply("DEL", r);
     return r->integer > 0;
   }
+
+  // --- operator hooks ----------------------------------------------------------------------
+
+  // The value and the PTTL of one record, read atomically (a pipelined GET + PTTL could see
+  // a record rewritten or expired between the two). Read-only; sent as EVAL: an operator
+  // command, so the script is not part of the preloaded set.
+  static constexpr std::string_view kInspectScript =
+      "local v = redis.call('GET', KEYS[1]) "
+      "if not v then return false end "
+      "return {v, redis.call('PTTL', KEYS[1])}";
+
+  std::optional<RecordInfo> inspect(std::string_view key) {
+    std::vector<Call> calls(1);
+    std::string rk = record_key(key);
+    calls[0].slot = redis_detail::key_slot(rk);
+    Command& cmd = calls[0].command;
+    cmd.add("EVAL");
+    cmd.add(kInspectScript);
+    cmd.add("1");
+    cmd.add(rk);
+    run(calls, /*replicate=*/false);
+    const redisReply* r = calls[0].reply.get();
+    if (r->type == REDIS_REPLY_NIL) return std::nullopt;  // absent, expired, released, forgotten
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_INTEGER) {
+      bad_reply("an inspection", r);
+    }
+    const std::string_view v(r->element[0]->str, r->element[0]->len);
+    const std::int64_t pttl = r->element[1]->integer;
+    const Parsed p = parse(v);
+    if (!p.ok) {
+      throw StoreUnavailable("the Redis key \"" + rk +
+                             "\" does not hold an idem record (another program wrote it?)");
+    }
+    RecordInfo info;
+    info.token = p.token;
+    // PTTL -1: no expiry (not written by this store); report it as far away.
+    const std::int64_t ttl = pttl < 0 ? std::numeric_limits<std::int64_t>::max() / 2 : pttl;
+    if (p.state == 'p') {
+      info.state = RecordInfo::State::in_progress;
+      info.expires_in_ms = ttl - p.lease_ms;  // the record outlives its lease by one lease
+    } else {
+      info.state = RecordInfo::State::done;
+      info.expires_in_ms = ttl;
+      if (p.state == 'r') info.response = std::string(p.tail);
+    }
+    return info;
+  }
+
+  struct Parsed {
+    bool ok = false;
+    char state = 0;
+    std::uint64_t token = 0;
+    std::int64_t lease_ms = 0;  // state 'p'
+    std::string_view tail;
+  };
+  // <state:1><fingerprint:32><token>:<tail>; a prefix of it (at least up to the ':' and, for
+  // 'p', the whole lease) is enough, which lets stats read only the head of each value.
+  static Parsed parse(std::string_view v) {
+    Parsed p;
+    if (v.size() < 35 || (v[0] != 'p' && v[0] != 'd' && v[0] != 'r')) return p;
+    const std::size_t colon = v.find(':', 33);
+    if (colon == std::string_view::npos) return p;
+    const auto [end, ec] = std::from_chars(v.data() + 33, v.data() + colon, p.token);
+    if (ec != std::errc{} || end != v.data() + colon) return p;
+    p.state = v[0];
+    p.tail = v.substr(colon + 1);
+    if (p.state == 'p') {
+      const auto [lend, lec] =
+          std::from_chars(p.tail.data(), p.tail.data() + p.tail.size(), p.lease_ms);
+      if (lec != std::errc{} || lend != p.tail.data() + p.tail.size()) return p;
+    }
+    p.ok = true;
+    return p;
+  }
+
+  // SCAN's MATCH pattern for every record key: the prefix with glob characters escaped.
+  std::string record_pattern() const {
+    std::string pattern;
+    for (char c : options.key_prefix + "k:") {
+      if (c == '*' || c == '?' || c == '[' || c == ']' || c == '\\') pattern.push_back('\\');
+      pattern.push_back(c);
+    }
+    pattern.push_back('*');
+    return pattern;
+  }
+
+  // Every master: the seed alone, or each node owning slots in a freshly read cluster map.
+  std::vector<Node*> masters() {
+    if (!options.cluster) return {&seed_node()};
+    refresh_map();
+    std::vector<Node*> out;
+    std::shared_lock lock(topology_mutex);
+    for (std::uint16_t idx : slot_owner) {
+      Node* n = nodes[idx].get();
+      if (std::find(out.begin(), out.end(), n) == out.end()) out.push_back(n);
+    }
+    return out;
+  }
+
+  // SCAN (COUNT 1000) every master for <prefix>k:*, then per batch one pipeline of
+  // GETRANGE (the value's head: state, token, lease), PTTL and MEMORY USAGE per key.
+  // An operator command: O(records) work on the servers, never for a hot path.
+  StoreStats stats_summary() {
+    static constexpr std::string_view kHeadEnd = "95";  // 1 + 32 + 20 + 1 + 20 + slack
+    StoreStats stats;
+    const std::string pattern = record_pattern();
+    for (Node* node : masters()) {
+      std::string cursor = "0";
+      do {
+        Command scan{"SCAN"};
+        scan.add_owned(cursor);
+        scan.add("MATCH");
+        scan.add(pattern);
+        scan.add("COUNT");
+        scan.add("1000");
+        Command* scan_cmds[] = {&scan};
+        std::vector<ReplyPtr> scanned = node->exchange(scan_cmds);
+        const redisReply* r = scanned[0].get();
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
+          bad_reply("SCAN", r);
+        }
+        cursor.assign(r->element[0]->str, r->element[0]->len);
+        const redisReply* keys = r->element[1];
+        if (keys->elements == 0) continue;
+        std::vector<Command> per_key(keys->elements * 3);
+        std::vector<Command*> cmds;
+        cmds.reserve(per_key.size());
+        for (std::size_t i = 0; i < keys->elements; ++i) {
+          const std::string_view k(keys->element[i]->str, keys->element[i]->len);
+          Command& head = per_key[3 * i];
+          head.add("GETRANGE");
+          head.add(k);
+          head.add("0");
+          head.add(kHeadEnd);
+          Command& ttl = per_key[3 * i + 1];
+          ttl.add("PTTL");
+          ttl.add(k);
+          Command& mem = per_key[3 * i + 2];
+          mem.add("MEMORY");
+          mem.add("USAGE");
+          mem.add(k);
+          for (std::size_t c = 0; c < 3; ++c) cmds.push_back(&per_key[3 * i + c]);
+        }
+        std::vector<ReplyPtr> replies = node->exchange(cmds);
+        for (std::size_t i = 0; i < keys->elements; ++i) {
+          const redisReply* head = replies[3 * i].get();
+          const redisReply* ttl = replies[3 * i + 1].get();
+          const redisReply* mem = replies[3 * i + 2].get();
+          // Gone since the SCAN (expired, released, moved to another node): not counted.
+          if (head->type != REDIS_REPLY_STRING || head->len == 0) continue;
+          ++stats.records;
+          if (mem->type == REDIS_REPLY_INTEGER && mem->integer > 0) {
+            stats.bytes += static_cast<std::uint64_t>(mem->integer);
+          }
+          const Parsed p = parse(std::string_view(head->str, head->len));
+          if (!p.ok) continue;
+          if (p.state != 'p') {
+            ++stats.done;
+          } else if (ttl->type == REDIS_REPLY_INTEGER && ttl->integer > p.lease_ms) {
+            ++stats.in_progress;  // lease still running (not in its takeover grace)
+          }
+        }
+      } while (cursor != "0");
+    }
+    return stats;
+  }
 };
 
 RedisStore::RedisStore(RedisOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -661,6 +835,14 @@ std::vector<Claim> RedisStore::do_claim_batch(std::span<const ClaimRequest> requ
 
 std::vector<bool> RedisStore::do_complete_batch(std::span<const Completion> completions) {
   return advised(kCompleteAdvice, [&] { return impl_->complete_many(completions); });
+}
+
+std::optional<RecordInfo> RedisStore::do_inspect(std::string_view key) {
+  return advised("nothing was changed: retry", [&] { return impl_->inspect(key); });
+}
+
+StoreStats RedisStore::do_stats_summary() {
+  return advised("nothing was changed: retry", [&] { return impl_->stats_summary(); });
 }
 
 }  // namespace idem

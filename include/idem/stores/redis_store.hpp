@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -83,6 +84,9 @@ struct RedisStoreStats {
 /// Fencing tokens come from INCR on a per-hash-slot counter, so they strictly increase per
 /// key across releases, expiries and takeovers. See docs/stores/redis.md.
 ///
+/// Operator hooks (idemctl): inspect() reads one record, stats_summary() SCANs every master,
+/// purge_expired_records() returns 0 (Redis expires records on its own; nothing to purge).
+///
 /// Thread-safe. Connects lazily: a wrong address or password is reported by the first call
 /// (or by ping()) as idem::StoreUnavailable saying what to fix.
 class RedisStore final : public DedupStore {
@@ -116,6 +120,20 @@ class RedisStore final : public DedupStore {
   bool do_forget(std::string_view key) override;
   std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests) override;
   std::vector<bool> do_complete_batch(std::span<const Completion> completions) override;
+  /// One atomic read (a read-only EVAL of GET + PTTL), routed like a claim. Released and
+  /// forgotten keys are deleted, and expired records are gone: all three read as nullopt. An
+  /// in-progress record's expires_in_ms is its lease's remaining time (<= 0: lease expired).
+  std::optional<RecordInfo> do_inspect(std::string_view key) override;
+  /// SCAN (COUNT 1000, never KEYS) of `<prefix>k:*` on the server or on every cluster master,
+  /// then one pipeline of GETRANGE (the value's head) + PTTL + MEMORY USAGE per batch of keys.
+  /// O(records) work on the servers: an operator command, not for a hot path or a frequent
+  /// scrape. `records` counts every record found; `in_progress` only live leases, so a record
+  /// in its takeover grace is in `records` alone. `bytes` sums MEMORY USAGE (0 where that
+  /// command is refused); `evictions` stays 0. Approximate while keys expire or slots migrate.
+  StoreStats do_stats_summary() override;
+  /// Always 0: Redis expires every record itself (PX on each write: in-progress records after
+  /// two leases, done ones after the retention), so there is never anything left to purge.
+  std::size_t do_purge_expired(std::size_t /*max_records*/) override { return 0; }
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
