@@ -84,7 +84,9 @@ TEST(Consumer, AcceptsEveryHandlerForm) {
   EXPECT_EQ(object_form.handler().calls, 1);
 }
 
-std::string plain_function_handler(const Message& m) { return std::string(m.key); }
+std::string plain_function_handler(const Message& m) {
+  return std::string(m.key);
+}
 
 TEST(Consumer, AcceptsAPlainFunctionPointer) {
   idem::MemoryStore store;
@@ -279,6 +281,68 @@ TEST(ConsumerMetrics, CountsStoreErrorsAndLostLeases) {
   EXPECT_EQ(metrics[idem::Counter::lease_lost], 1u);
   ASSERT_EQ(logger.lines.size(), 2u);
   EXPECT_NE(logger.lines[1].find("raise Options::lease"), std::string::npos);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(ConsumerOptions, NonPositiveDurationsAreRejectedAndForeverIsCapped) {
+  idem::MemoryStore store;
+  auto noop = [](const Message&) {};
+  EXPECT_THROW(idem::IdempotentConsumer(store, noop, {.lease = 0ms}), idem::ConfigError);
+  EXPECT_THROW(idem::IdempotentConsumer(store, noop, {.retention = -1ms}), idem::ConfigError);
+  idem::IdempotentConsumer forever(store, noop, {.retention = std::chrono::milliseconds::max()});
+  EXPECT_EQ(forever.options().retention, idem::kMaxDuration);
+  EXPECT_EQ(forever.consume({.key = "k"}).outcome, Outcome::processed);
+  EXPECT_EQ(forever.consume({.key = "k"}).outcome, Outcome::duplicate);
+}
+
+TEST(ConsumerBatch, ARepeatAfterALostLeaseIsStillADuplicate) {
+  FaultyStore store;
+  store.refuse_complete = true;  // the first occurrence's record is lost
+  int runs = 0;
+  idem::IdempotentConsumer consumer(store, [&](const Message&) {
+    ++runs;
+    return std::string("r");
+  });
+  std::vector<Message> batch{
+      {.key = "a", .payload = "1"}, {.key = "a", .payload = "1"}, {.key = "a", .payload = "2"}};
+  std::vector<idem::Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  EXPECT_EQ(results[1].outcome, Outcome::duplicate);
+  EXPECT_EQ(results[1].response, "r");
+  EXPECT_EQ(results[2].outcome, Outcome::conflict);
+  EXPECT_EQ(runs, 1);
+}
+
+TEST(ConsumerBatch, BeforeProcessingCompletesEvenAfterAFailure) {
+  FaultyStore store;
+  idem::IdempotentConsumer consumer(store, [](const Message&) { throw std::runtime_error("boom"); },
+                                    {.mark = idem::Mark::before_processing});
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::failed);
+  EXPECT_EQ(store.completes, 1);
+  EXPECT_EQ(store.releases, 0);
+  EXPECT_EQ(consumer.consume({.key = "k"}).outcome, Outcome::duplicate);
+}
+
+TEST(ConsumerBatch, AStoreAnsweringTheWrongNumberOfClaimsIsUnavailable) {
+  class ShortStore final : public idem::DedupStore {
+   public:
+    std::string_view name() const noexcept override { return "short"; }
+
+   protected:
+    idem::Claim do_claim(const idem::ClaimRequest&) override { return {}; }
+    bool do_complete(const idem::Completion&) override { return true; }
+    bool do_release(std::string_view, std::uint64_t) override { return true; }
+    bool do_forget(std::string_view) override { return true; }
+    std::vector<idem::Claim> do_claim_batch(std::span<const idem::ClaimRequest>) override {
+      return {};
+    }
+  } store;
+  idem::IdempotentConsumer consumer(store, [](const Message&) {});
+  std::vector<Message> batch{{.key = "a"}};
+  EXPECT_THROW(consumer.consume_batch(batch), idem::StoreUnavailable);
 }
 
 }  // namespace

@@ -136,3 +136,63 @@ TEST(MemoryStore, InspectAndStatsSummaryForOperators) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(MemoryStore, NeverEvictsABeforeProcessingRecordWhoseHandlerRuns) {
+  idem::ManualClock clock;
+  MemoryStore store({.max_keys = 2, .shards = 1, .clock = &clock});
+  ClaimRequest first = request("a");
+  first.mark_done = true;
+  idem::Claim running = store.claim(first);
+  ASSERT_EQ(running.status, ClaimStatus::acquired);
+  for (int i = 0; i < 10; ++i) claim_and_complete(store, "other" + std::to_string(i));
+  EXPECT_EQ(store.claim(request("a")).status, ClaimStatus::done);
+  // Once its handler completed, it is an ordinary done record and may be evicted.
+  ASSERT_TRUE(store.complete({.key = "a", .token = running.token, .retention = 10'000ms}));
+  for (int i = 10; i < 20; ++i) claim_and_complete(store, "other" + std::to_string(i));
+  EXPECT_EQ(store.claim(request("a")).status, ClaimStatus::acquired);
+}
+
+TEST(MemoryStore, CompleteWritesAgainARecordPurgedAfterItsLease) {
+  idem::ManualClock clock;
+  MemoryStore store({.shards = 1, .clock = &clock});
+  idem::Claim slow = store.claim(request("slow"));
+  clock.advance(5000);  // the lease ran out; nobody took over
+  EXPECT_EQ(store.purge_expired(), 1u);
+  EXPECT_TRUE(store.complete({.key = "slow", .token = slow.token, .response = "r"}));
+  idem::Claim again = store.claim(request("slow"));
+  EXPECT_EQ(again.status, ClaimStatus::done);
+  EXPECT_EQ(again.response, "r");
+  // A newer owner's record is never overwritten by a stale holder.
+  idem::Claim old_owner = store.claim(request("taken"));
+  clock.advance(5000);
+  idem::Claim new_owner = store.claim(request("taken"));
+  EXPECT_FALSE(store.complete({.key = "taken", .token = old_owner.token}));
+  EXPECT_TRUE(store.complete({.key = "taken", .token = new_owner.token}));
+}
+
+TEST(MemoryStore, ReleasedRecordsAtTheFrontArePurgedPromptly) {
+  idem::ManualClock clock;
+  MemoryStore store({.shards = 1, .clock = &clock});
+  claim_and_complete(store, "head");  // retention 10 s: the front stays live a long time
+  ASSERT_TRUE(store.forget("head"));
+  for (int i = 0; i < 1000; ++i) {
+    std::string key = "failed" + std::to_string(i);
+    idem::Claim c = store.claim(request(key));
+    ASSERT_TRUE(store.release(key, c.token));
+  }
+  EXPECT_GT(store.stats().expired, 900u);
+}
+
+TEST(MemoryStore, RejectsNonPositiveOrHugeDurations) {
+  MemoryStore store;
+  ClaimRequest zero_lease = request("k");
+  zero_lease.lease = 0ms;
+  EXPECT_THROW(store.claim(zero_lease), idem::ConfigError);
+  ClaimRequest huge = request("k");
+  huge.retention = std::chrono::milliseconds::max();
+  EXPECT_THROW(store.claim(huge), idem::ConfigError);
+}
+
+}  // namespace

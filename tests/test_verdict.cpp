@@ -33,6 +33,8 @@ TEST(Verdict, MapsExceptionsToWhatTheCallerShouldDo) {
   idem::Verdict rethrown = idem::decide([]() -> idem::Result { throw std::runtime_error("boom"); });
   EXPECT_EQ(rethrown.disposition, Disposition::retry_counted);
   EXPECT_EQ(rethrown.reason, "handler failed: boom");
+  idem::Verdict odd = idem::decide([]() -> idem::Result { throw 42; });
+  EXPECT_EQ(odd.disposition, Disposition::retry_counted);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 /// @file
 /// @brief idem::IdempotentConsumer: wraps a message handler so each biz-id takes effect once.
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <exception>
@@ -10,7 +11,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
-#include <unordered_set>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -69,8 +70,10 @@ class IdempotentConsumer {
   /// @brief Wraps handler; store must outlive the consumer.
   // (Parameter names differ from the accessors so a function-pointer handler does not trip
   // -Wshadow in users' builds.)
+  /// @throws idem::ConfigError when lease or retention is not positive (values above
+  /// idem::kMaxDuration, e.g. milliseconds::max() for "forever", are capped to it).
   IdempotentConsumer(Store& dedup_store, Handler wrapped, Options consumer_options = {})
-      : store_(dedup_store), handler_(std::move(wrapped)), options_(consumer_options) {}
+      : store_(dedup_store), handler_(std::move(wrapped)), options_(checked(consumer_options)) {}
 
   /// @brief Runs the handler unless the key is done or held; see idem::Outcome for what to do
   /// with the message afterwards.
@@ -126,6 +129,17 @@ class IdempotentConsumer {
   Handler& handler() noexcept { return handler_; }
 
  private:
+  static Options checked(Options options) {
+    if (options.lease.count() <= 0 || options.retention.count() <= 0) {
+      throw ConfigError("Options::lease and Options::retention must be positive (lease " +
+                        std::to_string(options.lease.count()) + " ms, retention " +
+                        std::to_string(options.retention.count()) + " ms)");
+    }
+    options.lease = std::min(options.lease, kMaxDuration);
+    options.retention = std::min(options.retention, kMaxDuration);
+    return options;
+  }
+
   ClaimRequest request_for(const Message& message) const {
     return ClaimRequest{
         .key = message.key,
@@ -166,9 +180,14 @@ class IdempotentConsumer {
   }
 
   // A before_processing claim is already done; it only needs completing to store a response.
+  // after_success records a success. before_processing recorded the key at the claim, but
+  // completes anyway, success or failure: it stores the response and tells the store that
+  // the handler is over (MemoryStore keeps such records from eviction until then).
   bool needs_completion(const Result& result) const {
-    return result.outcome == Outcome::processed &&
-           (options_.mark == Mark::after_success || result.response.has_value());
+    if (options_.mark == Mark::before_processing) {
+      return result.outcome == Outcome::processed || result.outcome == Outcome::failed;
+    }
+    return result.outcome == Outcome::processed;
   }
 
   Result run_claimed(const Message& message, Claim claim) {
@@ -197,13 +216,14 @@ class IdempotentConsumer {
 
   std::vector<Result> consume_batch_with_claims(std::span<const Message> batch,
                                                 std::span<const ClaimRequest> requests) {
-    // Only the first occurrence of a key goes into the pipelined round; repeats are settled
-    // afterwards against the store, so they see the first one's outcome.
+    // Only the first occurrence of a key goes into the pipelined round. A repeat is settled
+    // from the first one's result when that was processed or a duplicate (it must not run
+    // again, even if the store lost the record meanwhile), else against the store.
     std::vector<std::size_t> firsts, repeats;
-    std::unordered_set<std::string_view> seen;
-    seen.reserve(batch.size());
+    std::unordered_map<std::string_view, std::size_t> first_of;
+    first_of.reserve(batch.size());
     for (std::size_t i = 0; i < batch.size(); ++i) {
-      (seen.insert(batch[i].key).second ? firsts : repeats).push_back(i);
+      (first_of.try_emplace(batch[i].key, i).second ? firsts : repeats).push_back(i);
     }
     std::vector<ClaimRequest> first_requests;
     first_requests.reserve(firsts.size());
@@ -213,11 +233,13 @@ class IdempotentConsumer {
     });
 
     std::vector<Result> results(batch.size());
+    std::vector<std::size_t> completed;  // indexes of results whose completion is sent
     std::vector<Completion> completions;
     for (std::size_t n = 0; n < firsts.size(); ++n) {
       std::size_t i = firsts[n];
       results[i] = settle_or_run(batch[i], claims[n]);
       if (needs_completion(results[i])) {
+        completed.push_back(i);
         completions.push_back(completion_for(batch[i], results[i]));
       } else {
         count(results[i]);
@@ -228,12 +250,22 @@ class IdempotentConsumer {
         return timed(Timing::store_complete, [&] { return store_.complete_batch(completions); });
       });
       for (std::size_t n = 0; n < completions.size(); ++n) {
-        if (!recorded[n]) note_lease_lost(Message{.key = completions[n].key});
-        if (options_.metrics) options_.metrics->add(Counter::processed);
+        if (!recorded[n]) note_lease_lost(batch[completed[n]]);
+        count(results[completed[n]]);
       }
     }
     for (std::size_t i : repeats) {
-      results[i] = run_claimed(batch[i], claim(requests[i]));
+      const std::size_t first = first_of.at(batch[i].key);
+      if (should_ack(results[first].outcome)) {
+        const bool same_payload =
+            requests[i].fingerprint.compatible_with(requests[first].fingerprint);
+        results[i] = same_payload ? Result{.outcome = Outcome::duplicate,
+                                           .response = results[first].response}
+                                  : Result{.outcome = Outcome::conflict};
+        count(results[i]);
+      } else {
+        results[i] = run_claimed(batch[i], claim(requests[i]));
+      }
     }
     for (const Result& result : results) rethrow_if_asked(result);
     return results;

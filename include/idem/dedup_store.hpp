@@ -2,6 +2,7 @@
 /// @file
 /// @brief idem::DedupStore, the interface every backend implements, and idem::ClaimGuard.
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -38,7 +39,16 @@ struct StoreStats {
 /// @throws idem::InvalidMessage with a message that says what to change.
 void validate_key(std::string_view key, std::size_t max_key_bytes);
 
-/// @brief validate_key for every request of a batch.
+/// @brief The longest lease or retention a store accepts (100 years): deadlines stay far from
+/// overflowing. IdempotentConsumer caps Options to it, so "forever" can be spelled
+/// std::chrono::milliseconds::max().
+inline constexpr std::chrono::milliseconds kMaxDuration{100LL * 366 * 24 * 3600 * 1000};
+
+/// @brief validate_key, plus a lease and retention of 1 ms to kMaxDuration.
+/// @throws idem::InvalidMessage for a bad key; idem::ConfigError for a bad duration.
+void validate_request(const ClaimRequest& request);
+
+/// @brief validate_request for every request of a batch.
 /// @throws idem::InvalidMessage naming the first bad request's index.
 void validate_keys(std::span<const ClaimRequest> requests);
 
@@ -64,7 +74,7 @@ class DedupStore {
   /// @throws idem::InvalidMessage for an empty or oversized key.
   /// @throws idem::StoreUnavailable when the backend fails.
   Claim claim(const ClaimRequest& request) {
-    validate_key(request.key, request.max_key_bytes);
+    validate_request(request);
     return translate_errors([&] { return do_claim(request); });
   }
 
@@ -85,9 +95,7 @@ class DedupStore {
   std::vector<Claim> claim_batch(std::span<const ClaimRequest> requests);
 
   /// @brief complete() for many keys; element i is complete(completions[i]).
-  std::vector<bool> complete_batch(std::span<const Completion> completions) {
-    return translate_errors([&] { return do_complete_batch(completions); });
-  }
+  std::vector<bool> complete_batch(std::span<const Completion> completions);
 
   /// @brief Drops the record of a key whatever its state (an operator's "forget").
   /// True when a record existed.
@@ -138,6 +146,8 @@ class DedupStore {
     }
   }
   [[noreturn]] void throw_unavailable(const char* what) const;
+  [[noreturn]] void throw_miscounted(const char* operation, std::size_t answers,
+                                     std::size_t requests) const;
 
  protected:
   [[noreturn]] void throw_unsupported(std::string_view operation) const;

@@ -30,9 +30,9 @@ class InnerMsgId {
   std::string to_string() const;
   /// @brief Writes the 36 characters to out (no terminator).
   void write_to(char* out) const noexcept;
-  /// @brief Parses canonical UUIDv7 text (either case); nullopt for anything else: wrong
-  /// length, misplaced hyphens, non-hex digits, a version other than 7 or a variant other
-  /// than RFC 9562's.
+  /// @brief Parses the canonical lower-case UUIDv7 text to_string() writes; nullopt for anything
+  /// else: wrong length, misplaced hyphens, non-hex digits, a version other than 7 or a variant
+  /// other than RFC 9562's.
   static std::optional<InnerMsgId> parse(std::string_view text) noexcept;
 
   /// @brief The 48-bit Unix timestamp in milliseconds.

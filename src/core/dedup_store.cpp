@@ -18,10 +18,25 @@ void validate_key(std::string_view key, std::size_t max_key_bytes) {
   }
 }
 
+namespace {
+void validate_duration(std::chrono::milliseconds value, const char* what) {
+  if (value.count() <= 0 || value > kMaxDuration) {
+    throw ConfigError(std::string(what) + " is " + std::to_string(value.count()) +
+                      " ms; it must be 1 ms to 100 years (Options caps larger values)");
+  }
+}
+}  // namespace
+
+void validate_request(const ClaimRequest& request) {
+  validate_key(request.key, request.max_key_bytes);
+  validate_duration(request.lease, "lease");
+  validate_duration(request.retention, "retention");
+}
+
 void validate_keys(std::span<const ClaimRequest> requests) {
   for (std::size_t i = 0; i < requests.size(); ++i) {
     try {
-      validate_key(requests[i].key, requests[i].max_key_bytes);
+      validate_request(requests[i]);
     } catch (const InvalidMessage& e) {
       throw InvalidMessage("message " + std::to_string(i) + " of the batch: " + e.what() +
                            "; nothing in the batch was processed");
@@ -31,7 +46,25 @@ void validate_keys(std::span<const ClaimRequest> requests) {
 
 std::vector<Claim> DedupStore::claim_batch(std::span<const ClaimRequest> requests) {
   validate_keys(requests);
-  return translate_errors([&] { return do_claim_batch(requests); });
+  std::vector<Claim> claims = translate_errors([&] { return do_claim_batch(requests); });
+  if (claims.size() != requests.size())
+    throw_miscounted("claim_batch", claims.size(), requests.size());
+  return claims;
+}
+
+std::vector<bool> DedupStore::complete_batch(std::span<const Completion> completions) {
+  std::vector<bool> done = translate_errors([&] { return do_complete_batch(completions); });
+  if (done.size() != completions.size()) {
+    throw_miscounted("complete_batch", done.size(), completions.size());
+  }
+  return done;
+}
+
+void DedupStore::throw_miscounted(const char* operation, std::size_t answers,
+                                  std::size_t requests) const {
+  throw_unavailable((std::string(operation) + " returned " + std::to_string(answers) +
+                     " answers for " + std::to_string(requests) + " requests (a store bug)")
+                        .c_str());
 }
 
 std::vector<Claim> DedupStore::do_claim_batch(std::span<const ClaimRequest> requests) {

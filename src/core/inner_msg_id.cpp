@@ -21,10 +21,8 @@ constexpr std::array<std::uint8_t, 256> make_hex_table() {
   std::array<std::uint8_t, 256> table{};
   for (auto& v : table) v = 0xFF;
   for (int i = 0; i < 10; ++i) table['0' + i] = static_cast<std::uint8_t>(i);
-  for (int i = 0; i < 6; ++i) {
-    table['a' + i] = static_cast<std::uint8_t>(10 + i);
-    table['A' + i] = static_cast<std::uint8_t>(10 + i);
-  }
+  // Lower case only: parse accepts exactly the canonical text to_string() writes.
+  for (int i = 0; i < 6; ++i) table['a' + i] = static_cast<std::uint8_t>(10 + i);
   return table;
 }
 constexpr std::array<std::uint8_t, 256> kHexValue = make_hex_table();

@@ -33,6 +33,9 @@ struct Entry {
   std::uint32_t key_size = 0;
   State state = State::in_progress;
   bool has_response = false;
+  // A before_processing record whose handler has not completed: done, but never evicted
+  // (eviction would let a second worker run it). Cleared by complete().
+  bool running = false;
 
   std::string_view key() const noexcept {
     return {reinterpret_cast<const char*>(this + 1), key_size};
@@ -185,17 +188,50 @@ struct alignas(64) Shard {
     return e;
   }
 
-  void set_response(const Entry* e, std::optional<std::string_view> response) {
-    drop_response(e);
-    if (!response) return;
-    bytes += response->size();
-    responses.emplace(e, std::string(*response));
+  // Strong guarantee: when copying the response throws, nothing has changed.
+  void set_response(Entry* e, std::optional<std::string_view> response) {
+    if (!response) return drop_response(e);
+    std::string value(*response);
+    if (e->has_response) {
+      std::string& slot = responses.find(e)->second;
+      bytes = bytes - slot.size() + value.size();
+      slot = std::move(value);
+    } else {
+      responses.emplace(e, std::move(value));
+      bytes += response->size();
+      e->has_response = true;
+    }
   }
-  void drop_response(const Entry* e) {
+  void drop_response(Entry* e) {
     if (!e->has_response) return;
     auto it = responses.find(e);
     bytes -= it->second.size();
     responses.erase(it);
+    e->has_response = false;
+  }
+
+  // The record of key, or a new blank one (fresh = true). The block is allocated before the
+  // set is touched, so an allocation failure leaves the set as it was.
+  Entry* find_or_insert(const HashedKey& key, bool& fresh) {
+    Entry* spare = slab.make(key.key);
+    fresh = false;
+    Entry* e = *entries.lazy_emplace(key, [&](const auto& construct) {
+      fresh = true;
+      construct(spare);
+    });
+    if (fresh) {
+      bytes += record_bytes(e->key_size);
+    } else {
+      slab.destroy(spare);
+    }
+    return e;
+  }
+
+  // Keeps head_deadline honest when the head record itself changes.
+  void refresh_head(const Entry* e) noexcept {
+    if (e != head) return;
+    head_deadline =
+        e->state == State::released ? std::numeric_limits<std::int64_t>::min() : e->deadline;
   }
 
   // Unlinked entries only (pop_front first).
@@ -245,7 +281,7 @@ struct MemoryStore::Impl {
       if (!e->live(now)) {
         s.erase(s.pop_front());
         ++s.expired;
-      } else if (over_bounds(s) && e->state == State::done) {
+      } else if (over_bounds(s) && e->state == State::done && !e->running) {
         s.erase(s.pop_front());
         ++s.evictions;
       } else if (e->next != nullptr && (over_bounds(s) || e->deadline > e->next->deadline)) {
@@ -270,12 +306,8 @@ Claim MemoryStore::do_claim(const ClaimRequest& request) {
   const State state = request.mark_done ? State::done : State::in_progress;
 
   std::lock_guard lock(s.mutex);
-  // One probe finds the record or makes the slot for a new one.
   bool fresh = false;
-  Entry* e = *s.entries.lazy_emplace(key, [&](const auto& construct) {
-    fresh = true;
-    construct(s.slab.make(request.key));
-  });
+  Entry* e = s.find_or_insert(key, fresh);  // one probe finds the record or makes its slot
   if (!fresh && e->live(now)) {
     if (!compatible(e->fingerprint, fingerprint)) return Claim{.status = ClaimStatus::conflict};
     if (e->state == State::in_progress) return Claim{.status = ClaimStatus::in_progress};
@@ -285,22 +317,22 @@ Claim MemoryStore::do_claim(const ClaimRequest& request) {
   }
 
   Claim claim{.status = ClaimStatus::acquired, .token = ++s.last_token};
-  if (fresh) {
-    s.bytes += record_bytes(e->key_size);
-  } else {
+  if (!fresh) {
     // Released, expired, or a dead holder's claim: take the record over in place.
     claim.took_over = e->state == State::in_progress;
     s.takeovers += claim.took_over;
     s.drop_response(e);
-    e->has_response = false;
   }
   e->token = claim.token;
   e->deadline = deadline;
   e->fingerprint = fingerprint;
   e->state = state;
+  e->running = request.mark_done;
   if (fresh) {
     s.push_back(e);
     impl_->housekeep(s, now, kHousekeepingPerInsert + (impl_->over_bounds(s) ? 4 : 0));
+  } else {
+    s.refresh_head(e);
   }
   return claim;
 }
@@ -310,12 +342,21 @@ bool MemoryStore::do_complete(const Completion& completion) {
   Shard& s = impl_->shard_of(key);
   const std::int64_t now = impl_->clock->now_ms();
   std::lock_guard lock(s.mutex);
-  Entry* e = s.find(key);
-  if (e == nullptr || e->token != completion.token || e->state == State::released) return false;
+  // A record that is gone (its lease ran out and it was purged, or an operator forgot it) is
+  // written again: the handler did succeed. One with another token belongs to a newer owner.
+  bool fresh = false;
+  Entry* e = s.find_or_insert(key, fresh);
+  if (!fresh && e->token != completion.token) return false;
+  e->token = completion.token;
   e->state = State::done;
+  e->running = false;
   e->deadline = now + completion.retention.count();
+  if (fresh) {
+    s.push_back(e);
+  } else {
+    s.refresh_head(e);
+  }
   s.set_response(e, completion.response);
-  e->has_response = completion.response.has_value();
   return true;
 }
 
@@ -328,6 +369,7 @@ bool MemoryStore::do_release(std::string_view key_bytes, std::uint64_t token) {
   // Kept, not erased: it sits in the FIFO list; housekeeping drops it. Tokens come from the
   // shard's counter, so a later owner's token is larger either way.
   e->state = State::released;
+  s.refresh_head(e);
   return true;
 }
 
@@ -338,8 +380,9 @@ bool MemoryStore::do_forget(std::string_view key_bytes) {
   Entry* e = s.find(key);
   if (e == nullptr || e->state == State::released) return false;
   e->state = State::released;
+  e->running = false;
   s.drop_response(e);
-  e->has_response = false;
+  s.refresh_head(e);
   return true;
 }
 

@@ -50,6 +50,8 @@ Verdict decide(Consume&& consume) {
     return {Disposition::hold, std::string("store unavailable: ") + e.what()};
   } catch (const std::exception& e) {  // a handler error rethrown on request
     return {Disposition::retry_counted, std::string("handler failed: ") + e.what()};
+  } catch (...) {  // the same, of a type that is not a std::exception
+    return {Disposition::retry_counted, "handler failed with a non-standard exception"};
   }
   return {Disposition::retry, "unknown outcome"};
 }
