@@ -610,6 +610,162 @@ TEST_F(SqliteInbox, DoneRecordsSurviveReopening) {
   EXPECT_EQ(runs, 1);
 }
 
+// --- Review fixes: offsets of partly failed batches, lost transactions, late completions,
+// --- saturating deadlines ---------------------------------------------------------------------
+
+TEST_F(SqliteInbox, OffsetsStayPutWhenAMessageOfTheBatchIsNotAcked) {
+  bool fail_bad = true;
+  std::map<std::string, int> runs;
+  IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
+    ++runs[std::string(m.key)];
+    tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
+    if (m.key == "bad" && fail_bad) throw std::runtime_error("boom");
+  });
+  using idem::PartitionOffset;
+  store_.save_offsets(
+      std::vector<PartitionOffset>{{.topic = "t", .partition = 0, .next_offset = 100}});
+  const std::vector<Message> batch{{.key = "ok1", .payload = "1"},
+                                   {.key = "bad", .payload = "2"},
+                                   {.key = "ok2", .payload = "3"}};
+  const std::vector<PartitionOffset> offsets{{.topic = "t", .partition = 0, .next_offset = 103}};
+  bool saved = true;
+  std::vector<Result> results = idem::consume_batch_with_offsets(consumer, batch, offsets, &saved);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  EXPECT_EQ(results[1].outcome, Outcome::failed);
+  EXPECT_EQ(results[2].outcome, Outcome::processed);
+  EXPECT_FALSE(saved);
+  // Not moved past "bad": a consumer restarting here replays the batch and loses nothing.
+  EXPECT_EQ(store_.committed_offset("t", 0), 100);
+  EXPECT_EQ(cards(), 2);  // the processed ones are committed all the same
+
+  fail_bad = false;  // the replay after a restart
+  results = idem::consume_batch_with_offsets(consumer, batch, offsets, &saved);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[0].outcome, Outcome::duplicate);
+  EXPECT_EQ(results[1].outcome, Outcome::processed);
+  EXPECT_EQ(results[2].outcome, Outcome::duplicate);
+  EXPECT_TRUE(saved);
+  EXPECT_EQ(store_.committed_offset("t", 0), 103);
+  EXPECT_EQ(cards(), 3);
+  EXPECT_EQ(runs["ok1"], 1);
+  EXPECT_EQ(runs["bad"], 2);
+  EXPECT_EQ(runs["ok2"], 1);
+
+  // A conflict (dead-letter) and an in_progress key are not ackable either.
+  const std::vector<PartitionOffset> later{{.topic = "t", .partition = 0, .next_offset = 105}};
+  const std::vector<Message> conflicting{{.key = "ok3", .payload = "4"},
+                                         {.key = "ok1", .payload = "changed"}};
+  results = idem::consume_batch_with_offsets(consumer, conflicting, later, &saved);
+  EXPECT_EQ(results[1].outcome, Outcome::conflict);
+  EXPECT_FALSE(saved);
+  EXPECT_EQ(store_.committed_offset("t", 0), 103);
+  ASSERT_EQ(store_.claim({.key = "held"}).status, ClaimStatus::acquired);
+  const std::vector<Message> held{{.key = "held", .payload = "5"}};
+  results = idem::consume_batch_with_offsets(consumer, held, later, &saved);
+  EXPECT_EQ(results[0].outcome, Outcome::in_progress);
+  EXPECT_FALSE(saved);
+  EXPECT_EQ(store_.committed_offset("t", 0), 103);
+}
+
+TEST_F(SqliteInbox, WritesAfterSqliteRolledBackTheTransactionNeverCommitOnTheirOwn) {
+  for (const bool through_native : {false, true}) {
+    SCOPED_TRACE(through_native ? "native_handle()" : "SqliteTx");
+    const std::string key = through_native ? "native" : "tx";
+    IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
+      tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
+      sqlite3* db = tx.native_handle();
+      // An interrupt makes SQLite roll the whole transaction back (as FULL, IOERR, NOMEM do).
+      sqlite3_progress_handler(
+          db, 1, [](void*) { return 1; }, nullptr);
+      int rc = sqlite3_exec(db, "INSERT INTO cards(msg, key) VALUES('interrupted', x'00')", nullptr,
+                            nullptr, nullptr);
+      sqlite3_progress_handler(db, 0, nullptr, nullptr);
+      EXPECT_EQ(rc & 0xff, SQLITE_INTERRUPT);
+      EXPECT_NE(sqlite3_get_autocommit(db), 0);  // the transaction is gone
+      // The handler swallows the error and writes on.
+      if (through_native) {
+        rc = sqlite3_exec(db, "INSERT INTO cards(msg, key) VALUES('after', x'01')", nullptr,
+                          nullptr, nullptr);
+        EXPECT_NE(rc, SQLITE_OK);  // vetoed: it would have committed on its own
+      } else {
+        try {
+          tx.exec("INSERT INTO cards(msg, key) VALUES('after', x'01')");
+          ADD_FAILURE() << "a statement ran outside the transaction";
+        } catch (const idem::StoreUnavailable& e) {
+          EXPECT_NE(std::string(e.what()).find("transaction is gone"), std::string::npos)
+              << e.what();
+        }
+        EXPECT_THROW(tx.prepare("SELECT 1"), idem::StoreUnavailable);
+      }
+    });
+    if (through_native) {
+      EXPECT_THROW(consumer.consume({.key = key, .payload = "p"}), idem::Error);
+    } else {
+      EXPECT_THROW(consumer.consume({.key = key, .payload = "p"}), idem::StoreUnavailable);
+    }
+    EXPECT_EQ(cards(), 0);    // no write committed on its own
+    EXPECT_EQ(records(), 0);  // and nothing is recorded as done
+  }
+  // Once SQLite is well again, the message is processed.
+  int runs = 0;
+  IdempotentConsumer consumer(store_, card_writer(runs));
+  EXPECT_EQ(consumer.consume({.key = "tx", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(cards(), 1);
+  EXPECT_EQ(records(), 1);
+}
+
+TEST(SqliteComplete, ACompletionWhoseRecordWasPurgedStillRecordsTheKeyAsDone) {
+  TempDir dir;
+  idem::ManualClock clock;
+  SqliteStore store(dir.file("complete.db"), {.clock = &clock, .purge_interval = 0});
+  const idem::Claim one = store.claim({.key = "k", .lease = 1000ms});
+  const idem::Claim two = store.claim({.key = "b", .lease = 1000ms});
+  ASSERT_EQ(one.status, ClaimStatus::acquired);
+  ASSERT_EQ(two.status, ClaimStatus::acquired);
+  clock.advance(2000);  // the leases ran out and nobody took over; the purge drops both
+  EXPECT_EQ(store.purge_expired(), 2u);
+  EXPECT_FALSE(store.inspect("k").has_value());
+  EXPECT_TRUE(store.complete({.key = "k", .token = one.token, .response = "r"}));
+  EXPECT_EQ(store.complete_batch(std::vector<idem::Completion>{{.key = "b", .token = two.token}}),
+            std::vector<bool>{true});
+  const idem::Claim again = store.claim({.key = "k"});
+  EXPECT_EQ(again.status, ClaimStatus::done);
+  EXPECT_EQ(again.response, "r");
+  EXPECT_EQ(store.claim({.key = "b"}).status, ClaimStatus::done);
+  // A record of the key with another token is never overwritten, and a token that was never
+  // handed out does not create one.
+  const idem::Claim other = store.claim({.key = "other"});
+  ASSERT_EQ(other.status, ClaimStatus::acquired);
+  EXPECT_FALSE(store.complete({.key = "other", .token = other.token + 1}));
+  EXPECT_FALSE(store.complete({.key = "never", .token = other.token + 1000}));
+  EXPECT_FALSE(store.inspect("never").has_value());
+  EXPECT_EQ(store.claim({.key = "other"}).status, ClaimStatus::in_progress);
+}
+
+TEST(SqliteDurations, DeadlinesSaturateInsteadOfWrapping) {
+  // The core caps leases and retention (at 100 years); a clock near the end of time must still
+  // not make now + duration overflow into the past.
+  TempDir dir;
+  idem::ManualClock clock(INT64_MAX - 10'000);
+  SqliteStore store(dir.file("forever.db"), {.clock = &clock});
+  constexpr auto long_time = std::chrono::hours(24 * 365 * 50);
+  ASSERT_EQ(store.claim({.key = "held", .lease = long_time}).status, ClaimStatus::acquired);
+  EXPECT_EQ(store.claim({.key = "held"}).status, ClaimStatus::in_progress);
+  const idem::Claim c = store.claim({.key = "done"});
+  ASSERT_TRUE(store.complete({.key = "done", .token = c.token, .retention = long_time}));
+  EXPECT_EQ(store.claim({.key = "marked", .retention = long_time, .mark_done = true}).status,
+            ClaimStatus::acquired);
+  clock.advance(5'000);
+  EXPECT_EQ(store.claim({.key = "held"}).status, ClaimStatus::in_progress);
+  EXPECT_EQ(store.claim({.key = "done"}).status, ClaimStatus::done);
+  EXPECT_EQ(store.claim({.key = "marked"}).status, ClaimStatus::done);
+  const std::optional<idem::RecordInfo> info = store.inspect("held");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_GT(info->expires_in_ms, 0);
+  EXPECT_EQ(store.purge_expired(), 0u);
+}
+
 // --- Bad input -------------------------------------------------------------------------------
 
 template <class F>

@@ -107,6 +107,15 @@ bool unavailable_code(int primary) noexcept {
   }
 }
 
+// now + span without signed overflow: a lease or retention of milliseconds::max() ("forever")
+// saturates at the largest (or smallest) representable time instead of wrapping into the past.
+std::int64_t deadline(std::int64_t now, std::chrono::milliseconds span) noexcept {
+  const auto ms = static_cast<std::int64_t>(span.count());
+  if (ms > 0 && now > INT64_MAX - ms) return INT64_MAX;
+  if (ms < 0 && now < INT64_MIN - ms) return INT64_MIN;
+  return now + ms;
+}
+
 bool only_separators(const char* tail) noexcept {
   for (; tail != nullptr && *tail != '\0'; ++tail) {
     if (*tail != ';' && *tail != ' ' && *tail != '\t' && *tail != '\n' && *tail != '\r') {
@@ -166,11 +175,34 @@ class SqliteConnection {
       case Phase::user:
         break;
     }
+    // SQLite rolls the whole transaction back after SQLITE_FULL, IOERR, NOMEM, INTERRUPT, ...
+    if (phase == Phase::user && sqlite3_get_autocommit(db_.get()) != 0) tx_lost_ = true;
     if (phase == Phase::user && !unavailable_code(primary)) {
       throw SqliteError(message, primary, rc);
     }
     throw SqliteUnavailable(message, primary, rc);
   }
+
+  // Before a handler's statement runs: if the transaction it belongs to is gone (SQLite rolled
+  // it back after an error, or the handler ended it), the statement would run in autocommit
+  // mode and commit on its own, apart from the dedup record. Refuse it.
+  void require_transaction(std::string_view action, std::string_view sql) const {
+    if (sqlite3_get_autocommit(db_.get()) == 0) return;
+    tx_lost_ = true;
+    throw SqliteUnavailable(
+        "sqlite store '" + path_ + "': " + std::string(action) + " \"" +
+            std::string(sql.substr(0, 200)) +
+            "\" refused: the transaction is gone (SQLite rolled it back after an error such as "
+            "SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM or SQLITE_INTERRUPT, or it was ended "
+            "through native_handle()), so the statement would commit on its own, apart from "
+            "the dedup record; nothing was recorded as done: do not ack the message, let this "
+            "error propagate and retry later",
+        SQLITE_ABORT, SQLITE_ABORT);
+  }
+  // Whether a handler's statement found (or left) the transaction rolled back since
+  // reset_tx_lost(); see require_transaction.
+  bool tx_lost() const noexcept { return tx_lost_; }
+  void reset_tx_lost() noexcept { tx_lost_ = false; }
 
   // Runs SQL without parameters (pragmas, schema).
   void exec_script(const char* sql, std::string_view what, Phase phase) {
@@ -277,6 +309,7 @@ class SqliteConnection {
   std::chrono::steady_clock::time_point busy_since_{};
   std::unique_ptr<sqlite3, DbCloser> db_;
   std::unordered_map<std::string, Cached, StringHash, std::equal_to<>> cache_;
+  mutable bool tx_lost_ = false;
 };
 
 }  // namespace detail
@@ -340,6 +373,9 @@ SqliteStatement& SqliteStatement::bind_null(int index) {
 }
 
 bool SqliteStatement::step() {
+  if (sqlite3_get_autocommit(connection_->db()) != 0) {
+    connection_->require_transaction("running", sqlite3_sql(stmt_));
+  }
   const int rc = sqlite3_step(stmt_);
   if (rc == SQLITE_ROW) return true;
   if (rc == SQLITE_DONE) return false;
@@ -396,6 +432,7 @@ sqlite3* SqliteTx::native_handle() const noexcept {
 }
 
 SqliteStatement SqliteTx::prepare(std::string_view sql) {
+  connection_->require_transaction("preparing", sql);
   return connection_->prepare_user(sql);
 }
 
@@ -587,6 +624,13 @@ struct SqliteStore::Impl {
     complete = conn.prepare_internal(
         "UPDATE idem_keys SET state = 1, expires_at = ?3, response = ?4 "
         "WHERE key = ?1 AND token = ?2 AND state <> 2");
+    // The claim's record was purged (its lease ran out, nobody took over): record the key as
+    // done all the same. Only a token already handed out (<= token_floor, which the purge
+    // raised to it) is believed; ON CONFLICT: a record of the key exists, so it is not ours.
+    complete_absent = conn.prepare_internal(
+        "INSERT INTO idem_keys(key, state, token, expires_at, fingerprint, response) "
+        "SELECT ?1, 1, ?2, ?3, NULL, ?4 WHERE ?2 <= (SELECT value FROM idem_meta "
+        "WHERE name = 'token_floor') ON CONFLICT(key) DO NOTHING");
     release = conn.prepare_internal(
         "UPDATE idem_keys SET state = 2, expires_at = ?3 "
         "WHERE key = ?1 AND token = ?2 AND state = 0");
@@ -627,20 +671,38 @@ struct SqliteStore::Impl {
 
   // The write transaction of one call: BEGIN IMMEDIATE (waiting up to busy_timeout for other
   // connections), rolled back on scope exit unless committed.
+  //
+  // While it is open, a commit hook vetoes every commit but its own COMMIT: should SQLite roll
+  // the transaction back under a handler (SQLITE_FULL, IOERR, NOMEM, INTERRUPT) and the
+  // handler write on through native_handle(), those writes run in autocommit mode and would
+  // otherwise commit on their own, without the dedup record.
   class WriteTx {
    public:
     WriteTx(Impl& impl, std::int64_t now) : impl_(impl), now_(now) {
       Step(impl.conn, impl.begin.get(), "starting a write transaction (BEGIN IMMEDIATE)").run();
       impl.floor.reset();
+      impl.conn.reset_tx_lost();
+      impl.commit_allowed = false;
+      sqlite3_commit_hook(impl.conn.db(), &WriteTx::veto_commit, &impl.commit_allowed);
       open_ = true;
     }
     WriteTx(const WriteTx&) = delete;
     WriteTx& operator=(const WriteTx&) = delete;
-    ~WriteTx() { rollback(); }
+    ~WriteTx() {
+      rollback();
+      sqlite3_commit_hook(impl_.conn.db(), nullptr, nullptr);
+    }
 
     void commit(bool housekeeping = true) {
       if (housekeeping) impl_.maybe_purge(now_);
-      Step(impl_.conn, impl_.commit.get(), "committing").run();
+      impl_.commit_allowed = true;
+      try {
+        Step(impl_.conn, impl_.commit.get(), "committing").run();
+      } catch (...) {
+        impl_.commit_allowed = false;
+        throw;
+      }
+      impl_.commit_allowed = false;
       open_ = false;
     }
     void rollback() noexcept {
@@ -652,6 +714,8 @@ struct SqliteStore::Impl {
     }
 
    private:
+    static int veto_commit(void* allowed) noexcept { return *static_cast<bool*>(allowed) ? 0 : 1; }
+
     Impl& impl_;
     std::int64_t now_;
     bool open_ = false;
@@ -680,7 +744,7 @@ struct SqliteStore::Impl {
   Claim claim_row(const ClaimRequest& request, std::int64_t now, bool done, bool* fresh = nullptr) {
     const CompactFingerprint fp(request.fingerprint);
     const std::int64_t state = done ? kDone : kInProgress;
-    const std::int64_t expires = now + (done ? request.retention : request.lease).count();
+    const std::int64_t expires = detail::deadline(now, done ? request.retention : request.lease);
     const std::int64_t fresh_token = token_floor() + 1;
     {
       Step step(conn, insert.get(), "recording the key");
@@ -722,6 +786,9 @@ struct SqliteStore::Impl {
                  .token = static_cast<std::uint64_t>(token),
                  .took_over = old_state == kInProgress};
   }
+
+  // Records the key as done for the claim's token; false when another claim owns the key.
+  bool complete_row(const Completion& c, std::int64_t now);
 
   void store_response(std::string_view key, std::string_view response) {
     Step step(conn, set_response.get(), "storing the handler's response");
@@ -839,10 +906,22 @@ struct SqliteStore::Impl {
 
   void ensure_open(std::size_t index) const {
     if (sqlite3_get_autocommit(conn.db()) == 0) return;
+    if (conn.tx_lost()) {
+      throw SqliteUnavailable("sqlite store '" + conn.path() +
+                                  "': SQLite rolled back the "
+                                  "transaction during " +
+                                  who(index) +
+                                  " (after an error such as SQLITE_FULL, SQLITE_IOERR, "
+                                  "SQLITE_NOMEM or SQLITE_INTERRUPT, which the handler caught); "
+                                  "nothing of it was recorded as done: do not ack, retry later",
+                              SQLITE_ABORT, SQLITE_ABORT);
+    }
     throw ConfigError("sqlite store '" + conn.path() + "': the transaction was ended during " +
                       who(index) +
-                      " (COMMIT, ROLLBACK or RELEASE through native_handle()?); nothing was "
-                      "recorded as done: do not ack; use SAVEPOINTs of your own inside handlers");
+                      " (COMMIT, ROLLBACK or RELEASE through native_handle(), or SQLite rolled "
+                      "it back after an error the handler caught); nothing was recorded as "
+                      "done: do not ack; use SAVEPOINTs of your own inside handlers, and let "
+                      "SQLite's errors propagate");
   }
 
   // After a handler exception: an I/O error, SQLITE_FULL and the like make SQLite roll back
@@ -864,13 +943,15 @@ struct SqliteStore::Impl {
   std::atomic<std::thread::id> owner{};
 
   StmtPtr begin, commit, rollback, savepoint, release_savepoint, rollback_to_savepoint;
-  StmtPtr meta_get, floor_raise, insert, select, retake, set_response, complete, release;
+  StmtPtr meta_get, floor_raise, insert, select, retake, set_response, complete, complete_absent,
+      release;
   StmtPtr forget, sweep_end, sweep_expired_range, sweep_expired_tail, erase, abandon;
   StmtPtr offset_get, offsets_all, count, file_bytes;
 
   std::size_t writes = 0;             // write transactions, for purge_interval
   std::size_t inserted = 0;           // records inserted since the last purge step
   std::optional<std::int64_t> floor;  // token_floor, cached for the open transaction
+  bool commit_allowed = false;        // the commit hook lets only WriteTx::commit through
   std::string sweep_cursor;           // where the purge sweep goes on (key >=); empty: start
 };
 
@@ -947,11 +1028,11 @@ std::vector<Claim> SqliteStore::do_claim_batch(std::span<const ClaimRequest> req
 }
 
 namespace {
-bool complete_row(detail::SqliteConnection& conn, sqlite3_stmt* stmt, const Completion& c,
-                  std::int64_t now) {
+bool complete_stmt(detail::SqliteConnection& conn, sqlite3_stmt* stmt, const Completion& c,
+                   std::int64_t now) {
   Step step(conn, stmt, "recording the key as done");
   step.blob(1, c.key).i64(2, static_cast<std::int64_t>(c.token));
-  step.i64(3, now + c.retention.count());
+  step.i64(3, detail::deadline(now, c.retention));
   if (c.response) {
     step.blob(4, *c.response);
   } else {
@@ -962,11 +1043,18 @@ bool complete_row(detail::SqliteConnection& conn, sqlite3_stmt* stmt, const Comp
 }
 }  // namespace
 
+bool SqliteStore::Impl::complete_row(const Completion& c, std::int64_t now) {
+  if (complete_stmt(conn, complete.get(), c, now)) return true;
+  if (!complete_stmt(conn, complete_absent.get(), c, now)) return false;
+  ++inserted;
+  return true;
+}
+
 bool SqliteStore::do_complete(const Completion& completion) {
   Lock lock(*impl_);
   const std::int64_t now = impl_->clock->now_ms();
   Impl::WriteTx tx(*impl_, now);
-  const bool done = complete_row(impl_->conn, impl_->complete.get(), completion, now);
+  const bool done = impl_->complete_row(completion, now);
   tx.commit();
   return done;
 }
@@ -978,7 +1066,7 @@ std::vector<bool> SqliteStore::do_complete_batch(std::span<const Completion> com
   const std::int64_t now = impl_->clock->now_ms();
   Impl::WriteTx tx(*impl_, now);
   for (const Completion& completion : completions) {
-    done.push_back(complete_row(impl_->conn, impl_->complete.get(), completion, now));
+    done.push_back(impl_->complete_row(completion, now));
   }
   tx.commit();
   return done;
@@ -1035,7 +1123,8 @@ Result SqliteStore::consume_in_transaction(
 std::vector<Result> SqliteStore::consume_batch_in_transaction(
     std::span<const ClaimRequest> requests,
     detail::FunctionRef<std::optional<std::string>(std::size_t, SqliteTx&)> handler,
-    std::span<const PartitionOffset> offsets) {
+    std::span<const PartitionOffset> offsets, bool* offsets_saved) {
+  if (offsets_saved != nullptr) *offsets_saved = false;
   validate_keys(requests);
   std::vector<Result> results(requests.size());
   Lock lock(*impl_);
@@ -1053,10 +1142,18 @@ std::vector<Result> SqliteStore::consume_batch_in_transaction(
     results[i] = m.run_handler(
         requests[i], claim, fresh, now, [&] { return handler(i, user); }, i);
   }
-  for (const PartitionOffset& offset : offsets) {
-    user.save_offset(offset.topic, offset.partition, offset.next_offset);
+  // The offsets cover the whole batch: moving them past a message that was not acked (failed,
+  // in_progress, conflict) would lose it after a restart. Then they stay where they were, and
+  // a consumer resuming from them replays the batch (its processed messages as duplicates).
+  const bool save = std::all_of(results.begin(), results.end(),
+                                [](const Result& r) { return should_ack(r.outcome); });
+  if (save) {
+    for (const PartitionOffset& offset : offsets) {
+      user.save_offset(offset.topic, offset.partition, offset.next_offset);
+    }
   }
   tx.commit();
+  if (offsets_saved != nullptr) *offsets_saved = save;
   return results;
 }
 
@@ -1066,6 +1163,14 @@ void SqliteStore::transaction(detail::FunctionRef<void(SqliteTx&)> work) {
   Impl::WriteTx tx(*impl_, now);
   SqliteTx user(impl_->conn);
   work(user);
+  if (sqlite3_get_autocommit(impl_->conn.db()) != 0 && impl_->conn.tx_lost()) {
+    throw SqliteUnavailable("sqlite store '" + impl_->conn.path() +
+                                "': SQLite rolled back the transaction during transaction() "
+                                "work (after an error such as SQLITE_FULL, SQLITE_IOERR, "
+                                "SQLITE_NOMEM or SQLITE_INTERRUPT, which the work caught); "
+                                "none of it was committed",
+                            SQLITE_ABORT, SQLITE_ABORT);
+  }
   if (sqlite3_get_autocommit(impl_->conn.db()) != 0) {
     throw ConfigError("sqlite store '" + impl_->conn.path() +
                       "': transaction() work ended the transaction itself (COMMIT or ROLLBACK "

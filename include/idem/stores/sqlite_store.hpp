@@ -284,14 +284,21 @@ class SqliteStore final : public DedupStore {
 
   /// @brief consume_in_transaction for a batch in one transaction (one commit, one fsync),
   /// with a SAVEPOINT per message so a failing handler rolls back only its own message. A
-  /// key repeated in the batch sees the earlier occurrence as done. offsets are stored in
-  /// the same transaction. If the commit fails, nothing of the batch is recorded.
+  /// key repeated in the batch sees the earlier occurrence as done. If the commit fails,
+  /// nothing of the batch is recorded.
+  ///
+  /// offsets are stored in the same transaction only if every result is ackable
+  /// (idem::should_ack: processed or duplicate). If any message failed, was in_progress or
+  /// conflicted, the stored offsets stay as they were (the results are still committed), so
+  /// a consumer resuming from them after a crash replays the whole batch: its processed
+  /// messages come back as duplicates, the others are retried. *offsets_saved (when given)
+  /// tells which happened.
   /// @throws idem::InvalidMessage naming the first bad request; nothing is processed then.
   /// @throws idem::SqliteUnavailable when the transaction cannot commit.
   std::vector<Result> consume_batch_in_transaction(
       std::span<const ClaimRequest> requests,
       detail::FunctionRef<std::optional<std::string>(std::size_t, SqliteTx&)> handler,
-      std::span<const PartitionOffset> offsets = {});
+      std::span<const PartitionOffset> offsets = {}, bool* offsets_saved = nullptr);
 
   /// @brief Runs work in one write transaction of this store's connection (for schema set-up,
   /// reading business tables, ...). Commits when work returns, rolls back if it throws.
@@ -330,11 +337,20 @@ class SqliteStore final : public DedupStore {
 /// @brief consumer.consume_batch(batch), storing offsets in the same transaction as the
 /// batch's results: a consumer that resumes from committed_offset() after a crash starts
 /// exactly where its committed effects end.
-/// @throws as IdempotentConsumer::consume_batch.
+///
+/// The offsets are stored only if every result is ackable (idem::should_ack). Otherwise
+/// (a message failed, was in_progress or conflicted) the stored offsets are left unchanged,
+/// so nothing unacked is skipped after a restart: the whole batch is replayed, its processed
+/// messages as duplicates. *offsets_saved (when given) is set to whether they were stored;
+/// when false, redeliver or dead-letter the unacked messages, then store the offsets
+/// yourself (SqliteStore::save_offsets) or consume the batch again.
+/// @throws as IdempotentConsumer::consume_batch (with rethrow_handler_errors, after the
+/// commit; the offsets were then not stored).
 template <class Handler>
 std::vector<Result> consume_batch_with_offsets(IdempotentConsumer<Handler, SqliteStore>& consumer,
                                                std::span<const Message> batch,
-                                               std::span<const PartitionOffset> offsets) {
+                                               std::span<const PartitionOffset> offsets,
+                                               bool* offsets_saved = nullptr) {
   const Options& options = consumer.options();
   std::vector<ClaimRequest> requests;
   requests.reserve(batch.size());
@@ -358,7 +374,7 @@ std::vector<Result> consume_batch_with_offsets(IdempotentConsumer<Handler, Sqlit
           return detail::call_returning_response(handler, batch[i]);
         }
       },
-      offsets);
+      offsets, offsets_saved);
   if (options.rethrow_handler_errors) {
     for (const Result& result : results) {
       if (result.error) std::rethrow_exception(result.error);
