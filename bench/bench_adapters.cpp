@@ -1,20 +1,26 @@
 // Consume throughput through the Kafka and RabbitMQ adapters (idem::MemoryStore, a handler that
 // only counts) against the same raw client loop without idem, on the same broker in the same
 // run: librdkafka's in-process mock cluster, and a real rabbitmq-server started for the run.
-// Each iteration times first to last message (group joins and publishing are not timed).
+// Kafka: steady state after a warm-up, alternating runs, medians (see below). RabbitMQ: each
+// iteration times first to last message (filling the queue is not timed).
 
 #include <benchmark/benchmark.h>
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "idem/kafka.hpp"
 #include "idem/rabbitmq.hpp"
@@ -29,6 +35,13 @@ constexpr int rabbit_messages = 20'000;
 const std::string payload(100, 'x');
 
 // ---- Kafka -------------------------------------------------------------------------------
+//
+// Both loops run the same client calls with the same configuration: rd_kafka_consumer_poll with
+// a 100 ms timeout on the consumer queue, a fresh group per run. The clock starts at the
+// kafka_warmup-th record (group join, first fetches and page faults of the first records are
+// left out) and stops at the last one; the thread CPU time of the consuming thread is taken
+// over the same window. Raw and idem runs alternate (kafka_rounds pairs) and a summary with
+// medians is printed at exit.
 
 struct KafkaBroker {
   KafkaBroker() {
@@ -68,6 +81,12 @@ struct KafkaBroker {
         {"group.id", group},
         {"auto.offset.reset", "earliest"},
         {"session.timeout.ms", "6000"},
+        // librdkafka 2.0 stops fetching once 100,000 records (the default) wait in the
+        // consumer queue and only looks again when its broker thread next wakes up (up to
+        // ~1 s later): a loop that drains the queue faster than that starves at the tail, and
+        // whether it did depended on timing (wall 182-435 ms at ~120 ms of CPU). Room for the
+        // whole topic removes the stall for both loops alike.
+        {"queued.min.messages", "1000000"},
         {"log_level", std::getenv("IDEM_KAFKA_DEBUG") ? "7" : "0"},
         {"debug", std::getenv("IDEM_KAFKA_DEBUG") ? std::getenv("IDEM_KAFKA_DEBUG") : "generic"}};
   }
@@ -82,6 +101,50 @@ KafkaBroker& kafka() {
 }
 
 int next_group = 0;
+constexpr int kafka_warmup = 10'000;
+constexpr int kafka_timed = kafka_messages - kafka_warmup;
+constexpr int kafka_rounds = 7;
+
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+// Times the window [kafka_warmup-th record, last record] of one run.
+struct Window {
+  void record(int n) {
+    if (n == kafka_warmup) {
+      start = Clock::now();
+      cpu_start = thread_cpu_seconds();
+    } else if (n == kafka_messages) {
+      stop = Clock::now();
+      cpu_stop = thread_cpu_seconds();
+    }
+  }
+  double seconds() const { return std::chrono::duration<double>(stop - start).count(); }
+  double cpu_ns_per_record() const { return (cpu_stop - cpu_start) * 1e9 / kafka_timed; }
+  Clock::time_point start{}, stop{};
+  double cpu_start = 0, cpu_stop = 0;
+};
+
+struct Summary {
+  std::vector<double> rate, cpu_ns;
+};
+std::map<std::string, Summary>& summaries();
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+void finish(benchmark::State& state, const std::string& name, const Window& w) {
+  state.SetIterationTime(w.seconds());
+  state.counters["cpu_ns_per_record"] = w.cpu_ns_per_record();
+  summaries()[name].rate.push_back(kafka_timed / w.seconds());
+  summaries()[name].cpu_ns.push_back(w.cpu_ns_per_record());
+}
 
 void BM_KafkaRawLoop(benchmark::State& state) {
   for (auto _ : state) {
@@ -98,24 +161,24 @@ void BM_KafkaRawLoop(benchmark::State& state) {
     rd_kafka_topic_partition_list_destroy(topics);
     std::size_t bytes = 0;
     int n = 0;
-    Clock::time_point start{};
+    Window window;
     while (n < kafka_messages) {
       rd_kafka_message_t* m = rd_kafka_consumer_poll(rk, 100);
       if (m == nullptr) continue;
       if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         std::fprintf(stderr, "raw consumer: %s\n", rd_kafka_message_errstr(m));
       } else {
-        if (n++ == 0) start = Clock::now();
         bytes += m->len;  // the "handler"
+        window.record(++n);
       }
       rd_kafka_message_destroy(m);
     }
-    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - start).count());
+    finish(state, "kafka raw", window);
     benchmark::DoNotOptimize(bytes);
     rd_kafka_consumer_close(rk);
     rd_kafka_destroy(rk);
   }
-  state.SetItemsProcessed(state.iterations() * kafka_messages);
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
 }
 
 void BM_KafkaIdemAdapter(benchmark::State& state) {
@@ -125,17 +188,112 @@ void BM_KafkaIdemAdapter(benchmark::State& state) {
     idem::IdempotentConsumer counter(store,
                                      [&](const idem::Message& m) { bytes += m.payload.size(); });
     int n = 0;
-    Clock::time_point start{};
+    Window window;
     idem::kafka::Consumer consumer(
         kafka().consumer_config("idem-" + std::to_string(next_group++)), counter,
         {.topics = {"bench"}, .on_result = [&](const idem::kafka::Record&, const idem::Result&) {
-           if (n++ == 0) start = Clock::now();
+           window.record(++n);
          }});
     while (n < kafka_messages) consumer.poll(std::chrono::milliseconds{100});
-    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - start).count());
+    finish(state, "kafka idem", window);
     benchmark::DoNotOptimize(bytes);
   }
-  state.SetItemsProcessed(state.iterations() * kafka_messages);
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
+}
+
+// The adapter around a consume function that only counts (no store): what the adapter itself
+// costs per record on top of the raw loop.
+void BM_KafkaAdapterNoStore(benchmark::State& state) {
+  for (auto _ : state) {
+    std::size_t bytes = 0;
+    int n = 0;
+    Window window;
+    idem::kafka::Consumer consumer(
+        kafka().consumer_config("nostore-" + std::to_string(next_group++)),
+        [&](const idem::Message& m) {
+          bytes += m.payload.size();
+          return idem::Result{.outcome = idem::Outcome::processed};
+        },
+        {.topics = {"bench"}, .on_result = [&](const idem::kafka::Record&, const idem::Result&) {
+           window.record(++n);
+         }});
+    while (n < kafka_messages) consumer.poll(std::chrono::milliseconds{100});
+    finish(state, "adapter, no store", window);
+    benchmark::DoNotOptimize(bytes);
+  }
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
+}
+
+// The consume step alone, no Kafka: IdempotentConsumer<MemoryStore>::consume on the same keys
+// and payloads, as the adapter calls it (fresh store per run, like one adapter run). Each
+// record has its own key and payload buffer, as records fetched by librdkafka do.
+void BM_ConsumeOnlyMemoryStore(benchmark::State& state) {
+  std::vector<std::string> keys;
+  std::vector<std::string> payloads;
+  keys.reserve(kafka_messages);
+  payloads.reserve(kafka_messages);
+  for (int i = 0; i < kafka_messages; ++i) {
+    keys.push_back("order-" + std::to_string(i));
+    payloads.push_back(payload);
+  }
+  for (auto _ : state) {
+    idem::MemoryStore store;
+    std::size_t bytes = 0;
+    idem::IdempotentConsumer counter(store,
+                                     [&](const idem::Message& m) { bytes += m.payload.size(); });
+    Window window;
+    for (int n = 0; n < kafka_messages;) {
+      benchmark::DoNotOptimize(counter.consume({.key = keys[static_cast<std::size_t>(n)],
+                                                .payload = payloads[static_cast<std::size_t>(n)]}));
+      window.record(++n);
+    }
+    finish(state, "consume() only", window);
+    benchmark::DoNotOptimize(bytes);
+  }
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
+}
+
+// Raw and idem runs alternate so that both see the same machine load over time.
+const bool kafka_registered = [] {
+  for (int round = 1; round <= kafka_rounds; ++round) {
+    const std::string suffix = "/round:" + std::to_string(round);
+    for (auto [name, fn] : {std::pair{"BM_KafkaRawLoop", &BM_KafkaRawLoop},
+                            std::pair{"BM_KafkaIdemAdapter", &BM_KafkaIdemAdapter},
+                            std::pair{"BM_KafkaAdapterNoStore", &BM_KafkaAdapterNoStore},
+                            std::pair{"BM_ConsumeOnlyMemoryStore", &BM_ConsumeOnlyMemoryStore}}) {
+      benchmark::RegisterBenchmark((name + suffix).c_str(), fn)
+          ->UseManualTime()
+          ->Iterations(1)
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+  return true;
+}();
+
+// Printed after the benchmarks ran (static destruction, after main returns).
+struct PrintSummary {
+  std::map<std::string, Summary> runs;
+  ~PrintSummary() {
+    const auto& s = runs;
+    if (s.empty()) return;
+    std::printf("\nKafka summary over %d alternating rounds, %d records timed per run:\n",
+                kafka_rounds, kafka_timed);
+    for (const auto& [name, v] : s) {
+      std::printf("  %-16s median %8.0f k records/s  (min %.0f, max %.0f)  CPU %6.0f ns/record\n",
+                  name.c_str(), median(v.rate) / 1e3,
+                  *std::min_element(v.rate.begin(), v.rate.end()) / 1e3,
+                  *std::max_element(v.rate.begin(), v.rate.end()) / 1e3, median(v.cpu_ns));
+    }
+    if (s.contains("kafka raw") && s.contains("kafka idem")) {
+      std::printf("  ratio idem/raw: %.2fx (median rates), CPU per record %.2fx\n",
+                  median(s.at("kafka idem").rate) / median(s.at("kafka raw").rate),
+                  median(s.at("kafka idem").cpu_ns) / median(s.at("kafka raw").cpu_ns));
+    }
+  }
+} print_summary;
+
+std::map<std::string, Summary>& summaries() {
+  return print_summary.runs;
 }
 
 // ---- RabbitMQ ----------------------------------------------------------------------------
@@ -234,9 +392,7 @@ void BM_RabbitIdemAdapter(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * rabbit_messages);
 }
 
-// Interleaved so that both loops see the same broker state; three rounds each.
-BENCHMARK(BM_KafkaRawLoop)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_KafkaIdemAdapter)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+// RabbitMQ: three iterations each.
 BENCHMARK(BM_RabbitRawLoop)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RabbitIdemAdapter)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <thread>
 #include <utility>
@@ -28,6 +29,19 @@ using detail::HandlePtr;
 using detail::HeadersPtr;
 using detail::MessagePtr;
 using detail::PartitionListPtr;
+using detail::QueuePtr;
+
+// The commit timer is read after every record; CLOCK_MONOTONIC_COARSE costs a few ns where
+// steady_clock costs ~25 ns, and its resolution (a few ms) is plenty for commit_interval.
+std::chrono::nanoseconds coarse_now() noexcept {
+#ifdef CLOCK_MONOTONIC_COARSE
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return std::chrono::seconds{ts.tv_sec} + std::chrono::nanoseconds{ts.tv_nsec};
+#else
+  return Clock::now().time_since_epoch();
+#endif
+}
 
 // What happens to a record's offset after the consume step.
 enum class Action { settle, retry_counted, retry, dead_letter };
@@ -50,6 +64,7 @@ Action action_for(Disposition disposition) {
 struct PartitionState {
   std::int64_t next_offset = -1;  // offset after the last settled record; -1: none yet
   std::int64_t committed = -1;    // last committed next_offset
+  std::int64_t committing = -1;   // next_offset of an asynchronous commit in flight
   std::int64_t blocked_at = -1;   // record held back for a retry; -1: none
   unsigned attempts = 0;          // failed handler runs of blocked_at
   unsigned retries = 0;           // holds of blocked_at (for the backoff)
@@ -84,7 +99,8 @@ struct Consumer::Impl {
       rd_kafka_topic_partition_list_add(topics.get(), topic.c_str(), RD_KAFKA_PARTITION_UA);
     }
     detail::check(rd_kafka_subscribe(rk_.get(), topics.get()), "kafka subscribe failed");
-    last_commit_ = Clock::now();
+    consumer_queue_.reset(rd_kafka_queue_get_consumer(rk_.get()));
+    last_commit_ = coarse_now();
   }
 
   void make_dead_letter_producer(const rd_kafka_conf_t* consumer_conf) {
@@ -148,7 +164,7 @@ struct Consumer::Impl {
       return;
     }
     if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
-      commit_pending(partitions);
+      commit_pending(partitions, true);
       if (options_.on_revoke) {
         std::vector<PartitionOffset> revoked = to_vector(partitions);
         for (PartitionOffset& p : revoked)
@@ -207,11 +223,17 @@ struct Consumer::Impl {
     }
   }
 
-  // Commits next_offset of every settled partition (all, or those in only).
-  void commit_pending(const rd_kafka_topic_partition_list_t* only, bool throw_on_error = false) {
+  // Commits next_offset of every settled partition (all, or those in only). Periodic commits
+  // (sync false) are asynchronous: the result is served by rd_kafka_consumer_poll on this
+  // thread (commit_done) and a failure leaves the offsets pending for the next one. Revoke,
+  // close() and commit() wait for the result. Either way only settled offsets are sent, and
+  // Kafka applies one member's commits in the order they were sent.
+  void commit_pending(const rd_kafka_topic_partition_list_t* only, bool sync,
+                      bool throw_on_error = false) {
     PartitionListPtr list(rd_kafka_topic_partition_list_new(0));
     for (const auto& [key, state] : partitions_) {
       if (state.next_offset < 0 || state.next_offset == state.committed) continue;
+      if (!sync && state.next_offset == state.committing) continue;  // already on its way
       if (only != nullptr &&
           rd_kafka_topic_partition_list_find(only, key.first.c_str(), key.second) == nullptr) {
         continue;
@@ -219,8 +241,18 @@ struct Consumer::Impl {
       rd_kafka_topic_partition_list_add(list.get(), key.first.c_str(), key.second)->offset =
           state.next_offset;
     }
-    last_commit_ = Clock::now();
+    last_commit_ = coarse_now();
     if (list->cnt == 0) return;
+    if (!sync) {
+      rd_kafka_resp_err_t err = rd_kafka_commit_queue(rk_.get(), list.get(), consumer_queue_.get(),
+                                                      &commit_trampoline, this);
+      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
+        return;
+      }
+      mark(list.get(), &PartitionState::committing);
+      return;
+    }
     rd_kafka_resp_err_t err = rd_kafka_commit(rk_.get(), list.get(), 0);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
       // Offsets stay pending: the next commit retries them; a crash meanwhile only replays
@@ -230,10 +262,50 @@ struct Consumer::Impl {
       return;
     }
     ++stats_.commits;
+    mark(list.get(), &PartitionState::committed);
+  }
+
+  static void commit_trampoline(rd_kafka_t*, rd_kafka_resp_err_t err,
+                                rd_kafka_topic_partition_list_t* offsets, void* opaque) {
+    static_cast<Impl*>(opaque)->commit_done(err, offsets);
+  }
+
+  // The result of an asynchronous commit. Partitions that failed are sent again next time.
+  void commit_done(rd_kafka_resp_err_t err, const rd_kafka_topic_partition_list_t* offsets) {
+    if (offsets == nullptr) {  // nothing to match the result with: send everything again
+      for (auto& entry : partitions_) entry.second.committing = -1;
+      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
+      }
+      return;
+    }
+    bool any = false;
+    for (int i = 0; i < offsets->cnt; ++i) {
+      const rd_kafka_topic_partition_t& p = offsets->elems[i];
+      auto it = partitions_.find({p.topic, p.partition});
+      if (it == partitions_.end()) continue;
+      PartitionState& state = it->second;
+      if (state.committing == p.offset) state.committing = -1;
+      if (err == RD_KAFKA_RESP_ERR_NO_ERROR && p.err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        state.committed = std::max(state.committed, p.offset);
+        any = true;
+      }
+    }
+    if (any) ++stats_.commits;
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
+      report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
+    }
+  }
+
+  void mark(const rd_kafka_topic_partition_list_t* list, std::int64_t PartitionState::*field) {
     for (int i = 0; i < list->cnt; ++i) {
       auto it = partitions_.find({list->elems[i].topic, list->elems[i].partition});
-      if (it != partitions_.end()) it->second.committed = list->elems[i].offset;
+      if (it != partitions_.end()) it->second.*field = list->elems[i].offset;
     }
+  }
+
+  bool commit_due() const noexcept {
+    return coarse_now() - last_commit_ >= options_.commit_interval;
   }
 
   std::chrono::milliseconds backoff_for(unsigned retries) const {
@@ -430,26 +502,28 @@ struct Consumer::Impl {
       const std::uint64_t before = stats_.records;
       handle(*m);
       handled += static_cast<std::size_t>(stats_.records - before);
-      if (Clock::now() - last_commit_ >= options_.commit_interval) commit_pending(nullptr);
+      if (commit_due()) commit_pending(nullptr, false);
       if (handled >= 1000 || stop_.load(std::memory_order_relaxed)) break;
       m.reset(rd_kafka_consumer_poll(rk_.get(), 0));
     }
-    if (Clock::now() - last_commit_ >= options_.commit_interval) commit_pending(nullptr);
+    if (commit_due()) commit_pending(nullptr, false);
     return handled;
   }
 
   void close() {
     if (!rk_) return;
-    commit_pending(nullptr);
+    commit_pending(nullptr, true);
     if (rd_kafka_resp_err_t err = rd_kafka_consumer_close(rk_.get())) {
       report(std::string("kafka close: ") + rd_kafka_err2str(err));
     }
+    consumer_queue_.reset();  // queue references go before the handle
     rk_.reset();
     if (dlq_) rd_kafka_flush(dlq_.get(), 5000);
     dlq_.reset();
   }
 
   void abandon() noexcept {
+    consumer_queue_.reset();
     if (rd_kafka_t* rk = rk_.release()) {
       rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
     }
@@ -460,6 +534,7 @@ struct Consumer::Impl {
   ConsumerOptions options_;
   HandlePtr dlq_;  // declared before rk_: destroyed after the consumer
   HandlePtr rk_;
+  QueuePtr consumer_queue_;  // receives asynchronous commit results; released before rk_
   std::map<PartitionKey, PartitionState> partitions_;
   std::vector<Header> headers_;  // reused per record
   // The last partition handled; reset whenever partitions_ loses entries.
@@ -467,7 +542,7 @@ struct Consumer::Impl {
   std::int32_t cached_partition_ = -1;
   const PartitionKey* cached_key_ = nullptr;
   PartitionState* cached_state_ = nullptr;
-  Clock::time_point last_commit_{};
+  std::chrono::nanoseconds last_commit_{};  // coarse_now() of the last commit
   ConsumerStats stats_{};
   std::atomic<bool> stop_{false};
 };
@@ -512,7 +587,7 @@ void Consumer::request_stop() noexcept {
 }
 
 void Consumer::commit() {
-  if (impl_->rk_) impl_->commit_pending(nullptr, true);
+  if (impl_->rk_) impl_->commit_pending(nullptr, true, true);
 }
 
 void Consumer::close() {

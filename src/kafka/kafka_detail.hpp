@@ -28,6 +28,9 @@ struct MessageDeleter {
 struct HeadersDeleter {
   void operator()(rd_kafka_headers_t* h) const noexcept { rd_kafka_headers_destroy(h); }
 };
+struct QueueDeleter {
+  void operator()(rd_kafka_queue_t* q) const noexcept { rd_kafka_queue_destroy(q); }
+};
 struct ErrorDeleter {
   void operator()(rd_kafka_error_t* e) const noexcept { rd_kafka_error_destroy(e); }
 };
@@ -38,6 +41,7 @@ using PartitionListPtr = std::unique_ptr<rd_kafka_topic_partition_list_t, Partit
 using MessagePtr = std::unique_ptr<rd_kafka_message_t, MessageDeleter>;
 using HeadersPtr = std::unique_ptr<rd_kafka_headers_t, HeadersDeleter>;
 using ErrorPtr = std::unique_ptr<rd_kafka_error_t, ErrorDeleter>;
+using QueuePtr = std::unique_ptr<rd_kafka_queue_t, QueueDeleter>;
 
 /// Sets one property. @throws idem::ConfigError naming it.
 void set(rd_kafka_conf_t* conf, const std::string& name, const std::string& value);

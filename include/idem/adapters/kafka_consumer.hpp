@@ -79,8 +79,9 @@ struct ConsumerOptions {
 
   /// Longest wait in one rd_kafka_consumer_poll.
   std::chrono::milliseconds poll_timeout{100};
-  /// How often settled offsets are committed (synchronously). 0: after every record.
-  /// Offsets are also committed on revoke and close().
+  /// How often settled offsets are committed. These periodic commits are asynchronous (their
+  /// results are served by a later poll(); failed ones are sent again next time). 0: after
+  /// every record. Offsets are also committed, synchronously, on revoke, commit() and close().
   std::chrono::milliseconds commit_interval{1000};
 
   /// Handler failures (Outcome::failed) of one record before it is dead-lettered. 0: retry
