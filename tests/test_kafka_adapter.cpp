@@ -341,6 +341,38 @@ TEST(KafkaAdapter, HandlerFailingTwiceIsRetriedInOrderThenCommitted) {
   EXPECT_EQ(committed_offset(cluster, "flaky-group", "flaky", 0), 3);
 }
 
+// Periodic commits are asynchronous: they land through later polls, without commit() or
+// close(), and never pass a record that is held back.
+TEST(KafkaAdapter, PeriodicAsyncCommitsStopBeforeABlockedRecord) {
+  MockCluster cluster;
+  cluster.create_topic("periodic", 1);
+  produce(cluster, "periodic", 10, "p-", 0);  // p-0 .. p-9 on one partition
+  idem::MemoryStore store;
+  Effects effects;
+  idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+    if (m.key == "p-6") throw std::runtime_error("always fails");  // no dead-letter topic
+    effects.add(m.key);
+  });
+  idem::kafka::ConsumerOptions options = options_for("periodic");
+  options.commit_interval = 0ms;
+  idem::kafka::Consumer consumer(cluster.consumer_config("periodic-group"), idem_consumer,
+                                 std::move(options));
+  ASSERT_TRUE(poll_until([&] { return effects.total() == 6u && consumer.stats().commits > 0; },
+                         {&consumer}));
+  // The offset after p-5 is committed by the asynchronous commits alone.
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (committed_offset(cluster, "periodic-group", "periodic", 0) != 6 &&
+         std::chrono::steady_clock::now() < deadline) {
+    consumer.poll(50ms);
+  }
+  for (int i = 0; i < 10; ++i) consumer.poll(20ms);  // retries of p-6 meanwhile
+  EXPECT_EQ(committed_offset(cluster, "periodic-group", "periodic", 0), 6);
+  EXPECT_EQ(consumer.stats().acked, 6u);
+  EXPECT_EQ(effects.total(), 6u);
+  consumer.abandon();  // no closing commit: what is committed came from poll()
+  EXPECT_EQ(committed_offset(cluster, "periodic-group", "periodic", 0), 6);
+}
+
 TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
   MockCluster cluster;
   cluster.create_topic("jobs", 1);
