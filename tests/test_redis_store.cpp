@@ -20,6 +20,7 @@
 #include "idem/redis.hpp"
 #include "store_conformance.hpp"
 #include "support/redis_server.hpp"
+#include "support/sanitized.hpp"
 
 namespace {
 
@@ -32,17 +33,7 @@ using idem::RedisOptions;
 using idem::RedisStore;
 using idem::test_support::RedisServer;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using idem::testing::kSanitized;
 
 // One server for the conformance suite and the small tests; each store gets its own prefix.
 RedisServer& shared_server() {

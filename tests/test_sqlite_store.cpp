@@ -30,6 +30,8 @@
 
 #include "idem/sqlite.hpp"
 #include "store_conformance.hpp"
+#include "support/sanitized.hpp"
+#include "support/temp_dir.hpp"
 
 namespace {
 
@@ -45,38 +47,12 @@ using idem::SqliteStore;
 using idem::SqliteStoreOptions;
 using idem::SqliteTx;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using idem::testing::kSanitized;
 
 // A fresh directory under $TMPDIR (or /tmp), removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string pattern = std::string(base ? base : "/tmp") + "/idem-sqlite-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::string file(std::string_view name) const { return path_ + "/" + std::string(name); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+// The SQLite tests' own directory.
+struct TempDir : idem::testing::TempDir {
+  TempDir() : idem::testing::TempDir("sqlite") {}
 };
 
 // A plain sqlite3 connection of the test's own, to look at what the store wrote.
