@@ -4,5 +4,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/setup.sh"
-"$root/scripts/build.sh" -DIDEM_BUILD_BENCH=OFF
+IDEM_TARGETS=card_purchase "$root/scripts/build.sh" -DIDEM_BUILD_BENCH=OFF
 "${IDEM_BUILD_DIR:-$root/build}/examples/card_purchase"
