@@ -464,36 +464,56 @@ struct RedisStore::Impl {
     return groups;
   }
 
-  std::vector<Claim> claim_many(std::span<const ClaimRequest> requests) {
-    if (requests.empty()) return {};
-    ensure_scripts();
-    const std::string sha = claim_sha();
+  // What one pipelined script round sent and got back: per node, its call and the indexes
+  // of the items it carried.
+  struct ScriptRound {
+    std::vector<Call> calls;
+    std::vector<std::vector<std::size_t>> groups;
+  };
+
+  // Runs script `sha` once per node for `items`: numkeys, then every item's keys
+  // (add_keys(cmd, record_key, slot), keys_per_item of them), then every item's arguments
+  // (add_args(cmd, item)). The commands' views into the record keys die with this call;
+  // only the replies are read afterwards.
+  template <class Item, class AddKeys, class AddArgs>
+  ScriptRound run_script(std::span<const Item> items, const std::string& sha,
+                         std::size_t keys_per_item, AddKeys add_keys, AddArgs add_args) {
     std::vector<std::uint16_t> slots;
-    std::vector<std::string> keys(requests.size());
-    for (std::size_t i = 0; i < requests.size(); ++i) keys[i] = record_key(requests[i].key);
-    auto groups = group(
-        requests.size(), [&](std::size_t i) -> std::string_view { return keys[i]; }, slots);
-    std::vector<Call> calls(groups.size());
-    for (std::size_t g = 0; g < groups.size(); ++g) {
-      Command& cmd = calls[g].command;
-      const auto& idx = groups[g];
-      calls[g].slot = slots[idx.front()];
+    std::vector<std::string> keys(items.size());
+    for (std::size_t i = 0; i < items.size(); ++i) keys[i] = record_key(items[i].key);
+    ScriptRound round;
+    round.groups = group(
+        items.size(), [&](std::size_t i) -> std::string_view { return keys[i]; }, slots);
+    round.calls.resize(round.groups.size());
+    for (std::size_t g = 0; g < round.groups.size(); ++g) {
+      Command& cmd = round.calls[g].command;
+      const auto& idx = round.groups[g];
+      round.calls[g].slot = slots[idx.front()];
       cmd.reserve(3 + idx.size() * 5);
       cmd.add("EVALSHA");
       cmd.add_owned(sha);
-      cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size() * 2)));
-      for (std::size_t i : idx) {
-        cmd.add(keys[i]);
-        cmd.add_owned(counter_key(slots[i]));
-      }
-      for (std::size_t i : idx) {
-        const ClaimRequest& r = requests[i];
-        cmd.add_owned(hex_fingerprint(r.fingerprint));
-        cmd.add_owned(decimal(positive_ms(r.mark_done ? r.retention : r.lease)));
-        cmd.add(r.mark_done ? "1" : "0");
-      }
+      cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size() * keys_per_item)));
+      for (std::size_t i : idx) add_keys(cmd, keys[i], slots[i]);
+      for (std::size_t i : idx) add_args(cmd, items[i]);
     }
-    run(calls);
+    run(round.calls);
+    return round;
+  }
+
+  std::vector<Claim> claim_many(std::span<const ClaimRequest> requests) {
+    if (requests.empty()) return {};
+    ensure_scripts();
+    auto [calls, groups] = run_script(
+        requests, claim_sha(), 2,
+        [&](Command& cmd, const std::string& key, std::uint16_t slot) {
+          cmd.add(key);
+          cmd.add_owned(counter_key(slot));
+        },
+        [&](Command& cmd, const ClaimRequest& r) {
+          cmd.add_owned(hex_fingerprint(r.fingerprint));
+          cmd.add_owned(decimal(positive_ms(r.mark_done ? r.retention : r.lease)));
+          cmd.add(r.mark_done ? "1" : "0");
+        });
     std::vector<Claim> claims(requests.size());
     for (std::size_t g = 0; g < groups.size(); ++g) {
       const redisReply* r = calls[g].reply.get();
@@ -531,31 +551,15 @@ struct RedisStore::Impl {
   std::vector<bool> complete_many(std::span<const Completion> completions) {
     if (completions.empty()) return {};
     ensure_scripts();
-    const std::string sha = complete_sha();
-    std::vector<std::uint16_t> slots;
-    std::vector<std::string> keys(completions.size());
-    for (std::size_t i = 0; i < completions.size(); ++i) keys[i] = record_key(completions[i].key);
-    auto groups = group(
-        completions.size(), [&](std::size_t i) -> std::string_view { return keys[i]; }, slots);
-    std::vector<Call> calls(groups.size());
-    for (std::size_t g = 0; g < groups.size(); ++g) {
-      Command& cmd = calls[g].command;
-      const auto& idx = groups[g];
-      calls[g].slot = slots[idx.front()];
-      cmd.reserve(3 + idx.size() * 5);
-      cmd.add("EVALSHA");
-      cmd.add_owned(sha);
-      cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size())));
-      for (std::size_t i : idx) cmd.add(keys[i]);
-      for (std::size_t i : idx) {
-        const Completion& c = completions[i];
-        cmd.add_owned(decimal(static_cast<std::int64_t>(c.token)));
-        cmd.add_owned(decimal(positive_ms(c.retention)));
-        cmd.add(c.response ? "1" : "0");
-        cmd.add(c.response ? *c.response : std::string_view{});
-      }
-    }
-    run(calls);
+    auto [calls, groups] = run_script(
+        completions, complete_sha(), 1,
+        [&](Command& cmd, const std::string& key, std::uint16_t) { cmd.add(key); },
+        [&](Command& cmd, const Completion& c) {
+          cmd.add_owned(decimal(static_cast<std::int64_t>(c.token)));
+          cmd.add_owned(decimal(positive_ms(c.retention)));
+          cmd.add(c.response ? "1" : "0");
+          cmd.add(c.response ? *c.response : std::string_view{});
+        });
     std::vector<bool> done(completions.size());
     for (std::size_t g = 0; g < groups.size(); ++g) {
       const redisReply* r = calls[g].reply.get();
