@@ -44,23 +44,6 @@ std::chrono::nanoseconds coarse_now() noexcept {
 }
 
 // What happens to a record's offset after the consume step.
-enum class Action { settle, retry_counted, retry, dead_letter };
-
-Action action_for(Disposition disposition) {
-  switch (disposition) {
-    case Disposition::settle:
-      return Action::settle;
-    case Disposition::retry_counted:
-      return Action::retry_counted;
-    case Disposition::dead_letter:
-      return Action::dead_letter;
-    case Disposition::retry:
-    case Disposition::hold:
-      break;
-  }
-  return Action::retry;
-}
-
 struct PartitionState {
   std::int64_t next_offset = -1;  // offset after the last settled record; -1: none yet
   std::int64_t committed = -1;    // last committed next_offset
@@ -461,8 +444,9 @@ struct Consumer::Impl {
     });
     std::string& reason = verdict.reason;
     // Kafka cannot hold one record aside: a store outage pauses the partition like a retry.
-    Action action = action_for(verdict.disposition);
-    if (action == Action::retry_counted) {
+    Disposition action =
+        verdict.disposition == Disposition::hold ? Disposition::retry : verdict.disposition;
+    if (action == Disposition::retry_counted) {
       if (state.blocked_at != m.offset) {
         state.blocked_at = m.offset;
         state.attempts = 0;
@@ -470,20 +454,20 @@ struct Consumer::Impl {
       }
       ++state.attempts;
       const bool exhausted = options_.max_attempts != 0 && state.attempts >= options_.max_attempts;
-      action = exhausted && dlq_ ? Action::dead_letter : Action::retry;
+      action = exhausted && dlq_ ? Disposition::dead_letter : Disposition::retry;
     }
-    if (action == Action::dead_letter) {
+    if (action == Disposition::dead_letter) {
       if (dlq_ && dead_letter(m, record, reason)) {
-        action = Action::settle;
+        action = Disposition::settle;
       } else {
         if (!dlq_)
           report("record " + key.first + "/" + std::to_string(m.partition) + "@" +
                  std::to_string(m.offset) + " blocks its partition (" + reason +
                  ") and there is no dead_letter_topic");
-        action = Action::retry;
+        action = Disposition::retry;
       }
     }
-    if (action == Action::settle) {
+    if (action == Disposition::settle) {
       ++stats_.acked;
       settle(state, m.offset);
     } else {

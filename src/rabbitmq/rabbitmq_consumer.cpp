@@ -27,23 +27,6 @@ using Clock = std::chrono::steady_clock;
 using detail::bytes;
 using detail::view;
 
-enum class Action { ack, requeue_later, dead_letter, hold };
-
-Action action_for(Disposition disposition) {
-  switch (disposition) {
-    case Disposition::settle:
-      return Action::ack;
-    case Disposition::dead_letter:
-      return Action::dead_letter;
-    case Disposition::hold:
-      return Action::hold;
-    case Disposition::retry:
-    case Disposition::retry_counted:
-      break;
-  }
-  return Action::requeue_later;
-}
-
 // A delivery whose store was unavailable: kept unacked and retried locally after a backoff.
 struct Held {
   std::uint64_t tag = 0;
@@ -197,35 +180,36 @@ struct Consumer::Impl {
       return result;
     });
     const std::string& reason = verdict.reason;
-    const bool counted = verdict.disposition == Disposition::retry_counted;
-    Action action = action_for(verdict.disposition);
+    // retry_counted becomes dead_letter or retry below, once the attempt is counted.
+    Disposition action = verdict.disposition;
 
     const std::string key(message.key);
-    if (counted) {
+    if (action == Disposition::retry_counted) {
       // The in-process count survives requeues to this consumer; x-delivery-count (quorum
       // queues) also counts deliveries to other consumers and before a restart.
       unsigned& n = attempts_[key];
       n = std::max<unsigned>(n + 1, static_cast<unsigned>(delivery_count + 1));
       if (attempts_.size() > 100000) attempts_.clear();  // bound memory; counts restart
       const bool exhausted = options_.max_attempts != 0 && n >= options_.max_attempts;
-      action = exhausted ? Action::dead_letter : Action::requeue_later;
+      action = exhausted ? Disposition::dead_letter : Disposition::retry;
     }
-    if (action == Action::dead_letter && options_.dead_letter_exchange.empty()) {
+    if (action == Disposition::dead_letter && options_.dead_letter_exchange.empty()) {
       report("message " + std::string(delivery.message_id) + " cannot be processed (" + reason +
              ") and there is no dead_letter_exchange: requeued");
-      action = Action::requeue_later;
+      action = Disposition::retry;
     }
     switch (action) {
-      case Action::ack:
+      case Disposition::settle:
         if (ack(tag)) attempts_.erase(key);
         break;
-      case Action::dead_letter:
+      case Disposition::dead_letter:
         if (nack(tag, false)) attempts_.erase(key);
         break;
-      case Action::requeue_later:
+      case Disposition::retry:
+      case Disposition::retry_counted:  // (counted above; kept for the switch's completeness)
         deferred_.push_back({tag, Clock::now() + options_.retry_delay});
         break;
-      case Action::hold: {
+      case Disposition::hold: {
         report("holding the message: " + reason);
         Held held{.tag = tag,
                   .key = key,
