@@ -31,26 +31,13 @@
 #include <thread>
 #include <vector>
 
+#include "free_port.hpp"
+
 extern char** environ;  // NOLINT(readability-redundant-declaration)
 
 namespace idem::test_support::rabbitmq {
 
-/// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
-inline int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error("socket() failed");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    ::close(fd);
-    throw std::runtime_error("bind() to a free port failed");
-  }
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
+using idem::test_support::free_port;
 
 /// True when an AMQP login as guest succeeds on 127.0.0.1:port.
 inline bool amqp_ready(int port) {

@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "free_port.hpp"
+
 namespace idem::test_support {
 
 /// Finds an executable on PATH or in the usual system directories; empty when absent.
@@ -56,26 +58,6 @@ inline std::string require_executable(const std::string& name) {
                              "redis-tools, see scripts/debian-packages.txt)");
   }
   return path;
-}
-
-/// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
-inline int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error("socket() failed");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    ::close(fd);
-    throw std::runtime_error("bind() to a free port failed");
-  }
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  int port = ntohs(addr.sin_port);
-  // Cluster nodes also listen on port + 10000: keep both in range.
-  return port > 55000 ? free_port() : port;
 }
 
 /// Sends one inline command over a fresh connection; returns the raw reply ("" on failure).
@@ -122,7 +104,7 @@ class RedisServer {
   /// Starts at once; extra_args are passed through (e.g. {"--requirepass", "s3cret"}).
   explicit RedisServer(std::vector<std::string> extra_args = {}, int port = 0)
       : binary_(require_executable("redis-server")),
-        port_(port ? port : free_port()),
+        port_(port ? port : free_port(/*cluster bus*/ 10000)),
         extra_(std::move(extra_args)) {
     // tmpfs when there is one: appendfsync always then costs no disk flushes.
     std::string tmpl =
