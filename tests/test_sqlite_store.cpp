@@ -427,6 +427,57 @@ TEST_F(SqliteInbox, BatchRollsBackOnlyTheFailingMessage) {
   EXPECT_EQ(runs["bad"], 1);
 }
 
+// The message savepoint opens on the handler's first statement. Every way a handler can write
+// must still be covered: exec/prepare, a statement stepped through its native handle, the
+// connection's native handle, and a sqlite3* kept from an earlier message's handler.
+TEST_F(SqliteInbox, EveryWayAHandlerWritesIsRolledBackWhenItFails) {
+  sqlite3* kept = nullptr;
+  IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
+    const std::string key(m.key);
+    if (key == "quiet") return;  // writes nothing: no savepoint is opened
+    if (key == "quiet-fails") throw std::runtime_error("fails before writing");
+    if (key.starts_with("stmt")) {
+      idem::SqliteStatement insert = tx.prepare("INSERT INTO cards(msg, key) VALUES('stmt', ?1)");
+      insert.bind_blob(1, m.key);
+      ASSERT_EQ(sqlite3_step(insert.native_handle()), SQLITE_DONE);
+    } else if (key.starts_with("raw")) {
+      kept = tx.native_handle();
+      ASSERT_EQ(sqlite3_exec(kept, "INSERT INTO cards(msg, key) VALUES('raw', x'00')", nullptr,
+                             nullptr, nullptr),
+                SQLITE_OK);
+    } else if (key.starts_with("kept")) {
+      // No call on tx at all: the handle of an earlier message's handler.
+      ASSERT_EQ(sqlite3_exec(kept, "INSERT INTO cards(msg, key) VALUES('kept', x'01')", nullptr,
+                             nullptr, nullptr),
+                SQLITE_OK);
+    } else {
+      tx.exec("INSERT INTO cards(msg, key) VALUES('exec', ?1)", SqliteBlob{m.key});
+    }
+    if (key.ends_with("-fails")) throw std::runtime_error("fails after writing");
+  });
+  std::vector<Message> batch{
+      {.key = "quiet", .payload = "p"},     {.key = "quiet-fails", .payload = "p"},
+      {.key = "exec", .payload = "p"},      {.key = "exec-fails", .payload = "p"},
+      {.key = "stmt", .payload = "p"},      {.key = "stmt-fails", .payload = "p"},
+      {.key = "raw", .payload = "p"},       {.key = "raw-fails", .payload = "p"},
+      {.key = "kept-fails", .payload = "p"}};
+  std::vector<Result> results = consumer.consume_batch(batch);
+  ASSERT_EQ(results.size(), batch.size());
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const bool fails = std::string_view(batch[i].key).ends_with("-fails");
+    EXPECT_EQ(results[i].outcome, fails ? Outcome::failed : Outcome::processed) << batch[i].key;
+  }
+  RawDb raw(dir_.file("inbox.db"));
+  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'exec'"), 1);
+  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'stmt'"), 1);
+  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'raw'"), 1);
+  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'kept'"), 0);
+  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards"), 3);
+  EXPECT_EQ(records(), 4);  // quiet, exec, stmt, raw; the failed ones left nothing behind
+  // A handler that writes nothing still commits its record.
+  EXPECT_EQ(consumer.consume({.key = "quiet", .payload = "p"}).outcome, Outcome::duplicate);
+}
+
 TEST_F(SqliteInbox, OffsetsCommitWithTheBatchAndReadBack) {
   int runs = 0;
   IdempotentConsumer consumer(store_, card_writer(runs));

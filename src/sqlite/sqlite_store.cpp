@@ -204,6 +204,35 @@ class SqliteConnection {
   bool tx_lost() const noexcept { return tx_lost_; }
   void reset_tx_lost() noexcept { tx_lost_ = false; }
 
+  // The message savepoint is opened by the handler's first statement, not before every
+  // handler: a handler that writes nothing through the transaction then costs no
+  // SAVEPOINT/RELEASE pair. Once a handler has taken native_handle(), every later handler gets
+  // its savepoint up front: statements run through a kept sqlite3* cannot be seen coming.
+  void defer_savepoint(sqlite3_stmt* open_savepoint) {
+    savepoint_ = open_savepoint;
+    savepoint_open_ = false;
+    if (raw_handle_taken_) open_deferred_savepoint();
+  }
+  void open_deferred_savepoint() {
+    if (savepoint_ == nullptr || savepoint_open_) return;
+    const int rc = sqlite3_step(savepoint_);
+    sqlite3_reset(savepoint_);
+    if (rc != SQLITE_DONE) fail(rc, "opening the message's savepoint", Phase::user);
+    savepoint_open_ = true;
+  }
+  // Ends the deferral; true when the savepoint was opened (and must be released).
+  bool end_deferred_savepoint() noexcept {
+    const bool opened = savepoint_open_;
+    savepoint_ = nullptr;
+    savepoint_open_ = false;
+    return opened;
+  }
+  sqlite3* raw_handle() {
+    raw_handle_taken_ = true;
+    open_deferred_savepoint();
+    return db_.get();
+  }
+
   // Runs SQL without parameters (pragmas, schema).
   void exec_script(const char* sql, std::string_view what, Phase phase) {
     const int rc = sqlite3_exec(db_.get(), sql, nullptr, nullptr, nullptr);
@@ -310,6 +339,9 @@ class SqliteConnection {
   std::unique_ptr<sqlite3, DbCloser> db_;
   std::unordered_map<std::string, Cached, StringHash, std::equal_to<>> cache_;
   mutable bool tx_lost_ = false;
+  sqlite3_stmt* savepoint_ = nullptr;  // the message savepoint to open on first use
+  bool savepoint_open_ = false;
+  bool raw_handle_taken_ = false;
 };
 
 }  // namespace detail
@@ -376,11 +408,17 @@ bool SqliteStatement::step() {
   if (sqlite3_get_autocommit(connection_->db()) != 0) {
     connection_->require_transaction("running", sqlite3_sql(stmt_));
   }
+  connection_->open_deferred_savepoint();
   const int rc = sqlite3_step(stmt_);
   if (rc == SQLITE_ROW) return true;
   if (rc == SQLITE_DONE) return false;
   const std::string sql = sqlite3_sql(stmt_);
   connection_->fail(rc, "running \"" + sql.substr(0, 200) + "\"", detail::Phase::user);
+}
+
+sqlite3_stmt* SqliteStatement::native_handle() const {
+  (void)connection_->raw_handle();  // it may be stepped where step() cannot see it
+  return stmt_;
 }
 
 std::int64_t SqliteStatement::run() {
@@ -427,8 +465,8 @@ constexpr const char* kOffsetSql =
     "SELECT next_offset FROM idem_offsets WHERE topic = ?1 AND partition_id = ?2";
 }  // namespace
 
-sqlite3* SqliteTx::native_handle() const noexcept {
-  return connection_->db();
+sqlite3* SqliteTx::native_handle() const {
+  return connection_->raw_handle();
 }
 
 SqliteStatement SqliteTx::prepare(std::string_view sql) {
@@ -859,15 +897,23 @@ struct SqliteStore::Impl {
     step.blob(1, key).i64(2, now).i64(3, static_cast<std::int64_t>(token)).run();
   }
 
+  // Ends the savepoint deferral however the handler leaves.
+  struct SavepointScope {
+    detail::SqliteConnection& conn;
+    ~SavepointScope() { conn.end_deferred_savepoint(); }
+  };
+
   // Runs the handler of an acquired claim inside a savepoint opened after the record was
   // written, so the savepoint only covers the handler's own writes (cheap when it writes
-  // little). On an exception those are rolled back and, unless mark_done keeps the record
+  // little), and only once the handler runs a statement (free when it writes nothing). On an
+  // exception those writes are rolled back and, unless mark_done keeps the record
   // (at-most-once), the record goes too: deleted if this call created it (raising the token
   // floor, so the next attempt still gets a larger token), else left released.
   template <class Handler>
   Result run_handler(const ClaimRequest& request, const Claim& claim, bool fresh, std::int64_t now,
                      Handler&& handler, std::size_t index) {
-    run(savepoint, "opening the message's savepoint");
+    SavepointScope scope{conn};
+    conn.defer_savepoint(savepoint.get());
     std::optional<std::string> response;
     try {
       response = handler();
@@ -876,8 +922,10 @@ struct SqliteStore::Impl {
                     .error = std::current_exception(),
                     .fencing_token = claim.token};
       ensure_alive_after(failed.error, index);
-      run(rollback_to_savepoint, "rolling back the failed handler's writes");
-      run(release_savepoint, "closing the message's savepoint");
+      if (conn.end_deferred_savepoint()) {
+        run(rollback_to_savepoint, "rolling back the failed handler's writes");
+        run(release_savepoint, "closing the message's savepoint");
+      }
       if (!request.mark_done) {
         if (fresh) {
           Step(conn, erase.get(), "dropping the failed message's record")
@@ -889,8 +937,8 @@ struct SqliteStore::Impl {
       return failed;
     }
     ensure_open(index);
+    if (conn.end_deferred_savepoint()) run(release_savepoint, "closing the message's savepoint");
     if (response) store_response(request.key, *response);
-    run(release_savepoint, "closing the message's savepoint");
     return Result{.outcome = Outcome::processed,
                   .response = std::move(response),
                   .fencing_token = claim.token};

@@ -181,7 +181,9 @@ class SqliteStatement {
   /// @brief Valid until the next step, reset or destruction.
   std::string_view column_blob(int column) const noexcept;
 
-  sqlite3_stmt* native_handle() const noexcept { return stmt_; }
+  /// @brief The statement for the C API; stepping it there belongs to the message too.
+  /// @throws idem::SqliteUnavailable when the message's savepoint cannot be opened.
+  sqlite3_stmt* native_handle() const;
 
  private:
   friend class detail::SqliteConnection;
@@ -207,8 +209,10 @@ class SqliteTx {
   SqliteTx(const SqliteTx&) = delete;
   SqliteTx& operator=(const SqliteTx&) = delete;
 
-  /// @brief The connection of this transaction (escape hatch to the C API).
-  sqlite3* native_handle() const noexcept;
+  /// @brief The connection of this transaction (escape hatch to the C API). Statements run
+  /// through it belong to the message, as those run through prepare()/exec() do.
+  /// @throws idem::SqliteUnavailable when the message's savepoint cannot be opened.
+  sqlite3* native_handle() const;
 
   /// @brief Prepares one SQL statement, cached by its text on this connection.
   /// @throws idem::SqliteError for bad SQL, or more than one statement in sql.
