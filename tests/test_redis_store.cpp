@@ -866,18 +866,52 @@ class RedisCluster {
   std::vector<std::unique_ptr<RedisServer>> nodes_;
 };
 
+// The keys of a cluster run and what happened to each: every tenth carries the {hot} hash tag,
+// so they all live in one slot (the one migrated or failed over).
+struct ClusterKeys {
+  explicit ClusterKeys(std::size_t n)
+      : count(n),
+        runs(new std::atomic<int>[n]),
+        acks(new std::atomic<int>[n]),
+        thrown(new std::atomic<int>[n]) {
+    for (std::size_t i = 0; i < count; ++i) {
+      names.push_back((i % 10 == 0 ? "{hot}order-" : "order-") + std::to_string(i));
+      runs[i] = acks[i] = thrown[i] = 0;
+    }
+  }
+  // The handler's bookkeeping: "order-42" and "{hot}order-40" are keys 42 and 40.
+  void ran(const Message& m) {
+    std::string_view k = m.key;
+    runs[std::stoul(std::string(k.substr(k.find('-') + 1)))]++;
+  }
+  std::size_t acked() const {
+    std::size_t a = 0;
+    for (std::size_t i = 0; i < count; ++i) a += static_cast<std::size_t>(acks[i].load());
+    return a;
+  }
+  // Deliveries across all workers (30 % of them redeliveries).
+  std::size_t deliveries(std::size_t workers) const {
+    std::size_t total = 0;
+    for (std::size_t w = 0; w < workers; ++w) total += worker_stream(count, workers, w).size();
+    return total;
+  }
+  std::size_t never_ran() const {
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < count; ++i) n += runs[i] == 0;
+    return n;
+  }
+
+  std::size_t count;
+  std::vector<std::string> names;
+  std::unique_ptr<std::atomic<int>[]> runs, acks, thrown;
+};
+
 TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) {
   RedisCluster cluster;
   const std::size_t kKeys = kSanitized ? 6'000 : 20'000;
   constexpr std::size_t kThreads = 4;
-  // Every tenth key carries the {hot} hash tag: they all live in one slot, the one migrated.
-  std::vector<std::string> names;
-  for (std::size_t i = 0; i < kKeys; ++i) {
-    names.push_back((i % 10 == 0 ? "{hot}order-" : "order-") + std::to_string(i));
-  }
-  std::unique_ptr<std::atomic<int>[]> runs(new std::atomic<int>[kKeys]);
-  std::unique_ptr<std::atomic<int>[]> acks(new std::atomic<int>[kKeys]);
-  for (std::size_t i = 0; i < kKeys; ++i) runs[i] = acks[i] = 0;
+  ClusterKeys keys(kKeys);
+  const std::vector<std::string>& names = keys.names;
 
   RedisOptions o = options_for(cluster.port(0), "cluster");
   o.cluster = true;
@@ -888,30 +922,18 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
   const std::size_t from = cluster.owner(hot), to = (from + 1) % 3;
 
   idem::IdempotentConsumer consumer(
-      store,
-      [&](const Message& m) {
-        std::string_view k = m.key;
-        runs[std::stoul(std::string(k.substr(k.find('-') + 1)))]++;
-      },
-      idem::Options{.lease = 10s});
-  std::atomic<std::size_t> acked{0};
+      store, [&](const Message& m) { keys.ran(m); }, idem::Options{.lease = 10s});
   std::vector<std::thread> threads;
   for (std::size_t t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
-      drain(consumer, names, worker_stream(kKeys, kThreads, t), t % 2 == 1, acks.get());
+      drain(consumer, names, worker_stream(kKeys, kThreads, t), t % 2 == 1, keys.acks.get());
     });
   }
-  std::size_t total = 0;
-  for (std::size_t t = 0; t < kThreads; ++t) total += worker_stream(kKeys, kThreads, t).size();
-  auto acked_now = [&] {
-    std::size_t a = 0;
-    for (std::size_t i = 0; i < kKeys; ++i) a += static_cast<std::size_t>(acks[i].load());
-    return a;
-  };
-  while (acked_now() < total / 3) std::this_thread::sleep_for(5ms);
-  const std::size_t acked_before = acked_now();
+  const std::size_t total = keys.deliveries(kThreads);
+  while (keys.acked() < total / 3) std::this_thread::sleep_for(5ms);
+  const std::size_t acked_before = keys.acked();
   const std::size_t moved = cluster.migrate(hot, from, to);
-  const std::size_t acked_during = acked_now() - acked_before;
+  const std::size_t acked_during = keys.acked() - acked_before;
   for (std::thread& t : threads) t.join();
   std::printf(
       "cluster: moved %zu keys of slot %u while %zu deliveries were acked; %llu "
@@ -919,14 +941,11 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
       moved, static_cast<unsigned>(hot), acked_during,
       static_cast<unsigned long long>(store.stats().redirects));
 
-  std::size_t never = 0, twice = 0;
-  for (std::size_t i = 0; i < kKeys; ++i) {
-    never += runs[i] == 0;
-    twice += runs[i] > 1;
-  }
-  EXPECT_EQ(never, 0u);
+  std::size_t twice = 0;
+  for (std::size_t i = 0; i < kKeys; ++i) twice += keys.runs[i] > 1;
+  EXPECT_EQ(keys.never_ran(), 0u);
   EXPECT_EQ(twice, 0u);
-  EXPECT_EQ(acked_now(), total);
+  EXPECT_EQ(keys.acked(), total);
   EXPECT_GT(moved, 0u);
   EXPECT_EQ(cluster.owner(hot), to);
   EXPECT_GT(store.stats().redirects, 0u) << "the consumers met the moved slot";
@@ -950,14 +969,8 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
   RedisCluster cluster(/*replicas=*/true);
   const std::size_t kKeys = kSanitized ? 4'000 : 10'000;
   constexpr std::size_t kThreads = 4;
-  std::vector<std::string> names;
-  for (std::size_t i = 0; i < kKeys; ++i) {
-    names.push_back((i % 10 == 0 ? "{hot}order-" : "order-") + std::to_string(i));
-  }
-  std::unique_ptr<std::atomic<int>[]> runs(new std::atomic<int>[kKeys]);
-  std::unique_ptr<std::atomic<int>[]> acks(new std::atomic<int>[kKeys]);
-  std::unique_ptr<std::atomic<int>[]> thrown(new std::atomic<int>[kKeys]);
-  for (std::size_t i = 0; i < kKeys; ++i) runs[i] = acks[i] = thrown[i] = 0;
+  ClusterKeys keys(kKeys);
+  const std::vector<std::string>& names = keys.names;
 
   RedisOptions o = options_for(cluster.port(0), "failover");
   o.cluster = true;
@@ -972,27 +985,16 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
   const std::size_t victim = cluster.owner(hot);
 
   idem::IdempotentConsumer consumer(
-      store,
-      [&](const Message& m) {
-        std::string_view k = m.key;
-        runs[std::stoul(std::string(k.substr(k.find('-') + 1)))]++;
-      },
-      idem::Options{.lease = 2s});
+      store, [&](const Message& m) { keys.ran(m); }, idem::Options{.lease = 2s});
   std::vector<std::thread> threads;
-  std::size_t total = 0;
-  for (std::size_t t = 0; t < kThreads; ++t) total += worker_stream(kKeys, kThreads, t).size();
+  const std::size_t total = keys.deliveries(kThreads);
   for (std::size_t t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
-      drain(consumer, names, worker_stream(kKeys, kThreads, t), t % 2 == 1, acks.get(), runs.get(),
-            thrown.get());
+      drain(consumer, names, worker_stream(kKeys, kThreads, t), t % 2 == 1, keys.acks.get(),
+            keys.runs.get(), keys.thrown.get());
     });
   }
-  auto acked_now = [&] {
-    std::size_t a = 0;
-    for (std::size_t i = 0; i < kKeys; ++i) a += static_cast<std::size_t>(acks[i].load());
-    return a;
-  };
-  while (acked_now() < total / 3) std::this_thread::sleep_for(5ms);
+  while (keys.acked() < total / 3) std::this_thread::sleep_for(5ms);
   cluster.kill(victim);
   const auto killed = std::chrono::steady_clock::now();
   std::size_t new_owner = victim;
@@ -1028,7 +1030,7 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
   std::printf("failover: the old master %s as a replica %lld ms after its restart\n",
               rejoined ? "rejoined" : "had NOT rejoined",
               static_cast<long long>(std::chrono::duration_cast<ms>(linked - restarted).count()));
-  if (acked_now() != total) {
+  if (keys.acked() != total) {
     std::printf("failover: not drained; the cluster now:\n%s", cluster.describe().c_str());
   }
   std::printf(
@@ -1038,18 +1040,17 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
       static_cast<long long>(
           std::chrono::duration_cast<ms>(std::chrono::steady_clock::now() - promoted).count()));
 
-  std::size_t never = 0, unexplained_reruns = 0, reruns = 0;
+  std::size_t unexplained_reruns = 0, reruns = 0;
   for (std::size_t i = 0; i < kKeys; ++i) {
-    never += runs[i] == 0;
-    if (runs[i] > 1) {
+    if (keys.runs[i] > 1) {
       ++reruns;
-      if (thrown[i] == 0) ++unexplained_reruns;
+      if (keys.thrown[i] == 0) ++unexplained_reruns;
     }
   }
   std::printf("failover: %zu handlers re-ran after a completion lost in the crash\n", reruns);
   EXPECT_NE(new_owner, victim) << "no replica was promoted";
-  EXPECT_EQ(never, 0u);
-  EXPECT_EQ(acked_now(), total);
+  EXPECT_EQ(keys.never_ran(), 0u);
+  EXPECT_EQ(keys.acked(), total);
   // Only a handler whose completion failed in the crash may run again (after its lease).
   EXPECT_EQ(unexplained_reruns, 0u);
   EXPECT_LE(reruns, kThreads * 50) << "at most the calls in flight at the crash";
