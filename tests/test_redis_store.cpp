@@ -175,6 +175,49 @@ TEST(RedisStore, RecordsLiveUnderThePrefixAndExpireWithPx) {
   EXPECT_EQ(raw_get(store, store.record_key("order-1")), "<nil>");
 }
 
+// A stale holder's completion must leave its successor's record exactly as it was: value and
+// expiry, whether the successor is still working or done.
+TEST(RedisStore, AStaleCompletionPutsTheSuccessorsRecordBackUntouched) {
+  RedisStore store(options_for(shared_server().port(), "putback"));
+  const std::string rk = store.record_key("k");
+  auto pttl = [&] { return std::stoll(shared_server().cli("PTTL " + rk)); };
+  idem::Claim stale = store.claim(request("k", 100ms));
+  std::this_thread::sleep_for(150ms);  // past the lease (a takeover, or a fresh claim if late)
+  idem::Claim successor = store.claim(request("k", 20s));
+  ASSERT_EQ(successor.status, ClaimStatus::acquired);
+  const std::string in_progress = raw_get(store, rk);
+  const long long ttl_before = pttl();
+  EXPECT_FALSE(store.complete({.key = "k", .token = stale.token, .response = "stale"}));
+  EXPECT_EQ(raw_get(store, rk), in_progress);
+  EXPECT_LE(pttl(), ttl_before);
+  EXPECT_GT(pttl(), ttl_before - 2'000) << "the successor's expiry, not the stale retention";
+
+  ASSERT_TRUE(
+      store.complete({.key = "k", .token = successor.token, .response = "fresh", .retention = 5s}));
+  const std::string done = raw_get(store, rk);
+  const long long done_ttl = pttl();
+  EXPECT_FALSE(store.complete({.key = "k", .token = stale.token, .retention = 24h}));
+  EXPECT_EQ(raw_get(store, rk), done);
+  EXPECT_LE(pttl(), done_ttl);
+  EXPECT_GT(pttl(), done_ttl - 2'000);
+  EXPECT_EQ(store.claim(request("k")).response, "fresh");
+  // A completion of a key that is gone creates nothing.
+  EXPECT_FALSE(store.complete({.key = "never-claimed", .token = 1}));
+  EXPECT_EQ(raw_get(store, store.record_key("never-claimed")), "<nil>");
+}
+
+// The done record keeps the claim's payload digest (a completion does not carry one), so a
+// different payload is still a conflict after completion.
+TEST(RedisStore, ACompletionWithoutTheDigestKeepsTheClaimedOne) {
+  RedisStore store(options_for(shared_server().port(), "digest"));
+  idem::Claim c = store.claim(request("k"));
+  ASSERT_TRUE(store.complete({.key = "k", .token = c.token}));
+  ClaimRequest other = request("k");
+  other.fingerprint = idem::Fingerprint::of("another payload");
+  EXPECT_EQ(store.claim(other).status, ClaimStatus::conflict);
+  EXPECT_EQ(store.claim(request("k")).status, ClaimStatus::done);
+}
+
 // --- Operator hooks (idemctl inspect / stats / purge-expired) --------------------------------
 
 TEST(RedisStoreOperator, InspectReadsAbsentInProgressAndDoneRecords) {
