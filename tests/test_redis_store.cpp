@@ -820,13 +820,15 @@ class RedisCluster {
     }
   }
   void kill(std::size_t i) { nodes_[i]->kill_hard(); }
-  // Waits until node i is a replica whose link to its master is up.
-  bool replica_link_up(std::size_t i, std::chrono::milliseconds within) const {
+  // Waits until node i is a replica of node m with its link up.
+  bool replicates(std::size_t i, std::size_t m, std::chrono::milliseconds within) const {
     const auto deadline = std::chrono::steady_clock::now() + within;
+    const std::string master_port = "master_port:" + std::to_string(port(m)) + "\r";
     do {
       try {
         std::string info = admin(port(i), {"INFO", "replication"})[0];
         if (info.find("role:slave") != std::string::npos &&
+            info.find(master_port) != std::string::npos &&
             info.find("master_link_status:up") != std::string::npos) {
           return true;
         }
@@ -1056,7 +1058,7 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
   // Redis rejoins it as a replica of the promoted node on its own (about 5 s: the diskless
   // sync delay). If it has not within 30 s, say what the cluster looks like and do what an
   // operator would: tell it whom to replicate. That is the cluster's healing, not the store's.
-  bool rejoined = cluster.replica_link_up(victim, 30s);
+  bool rejoined = cluster.replicates(victim, new_owner, 30s);
   const auto linked = std::chrono::steady_clock::now();
   if (!rejoined) {
     std::printf("failover: the old master did not rejoin on its own:\n%s",
@@ -1066,7 +1068,7 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
     } catch (const std::runtime_error& e) {
       std::printf("failover: CLUSTER REPLICATE failed: %s\n", e.what());
     }
-    rejoined = cluster.replica_link_up(victim, 30s);
+    rejoined = cluster.replicates(victim, new_owner, 30s);
   }
   for (std::thread& t : threads) t.join();
   using ms = std::chrono::milliseconds;
