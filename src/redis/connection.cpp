@@ -87,38 +87,23 @@ bool is_error(const redisReply* reply, std::string_view prefix) {
 //              grace in which a claim can tell a takeover from a fresh claim)
 //   state 'd' done, tail empty;  state 'r' done, tail = stored response (binary)
 // Fingerprint all zeros = not fingerprinted, matches anything.
-// KEYS[1]: the token counter (in a cluster, of the hash slot every record of the call is
-// in); KEYS[2..]: records. ARGV per record: fp, ttl, mark.
+// KEYS per claimed key: record, token counter (same hash slot). ARGV per key: fp, ttl, mark.
 // Reply: a flat array, two entries per key: code, data.
 //   1 acquired (data token), 5 acquired over an expired lease (data token),
 //   2 done (data response or nil), 3 in progress, 4 conflict.
-// One INCRBY reserves a token for every record of the call: tokens still strictly increase
-// per key (the counter only grows); one reserved for a duplicate is never used. Then a new key
-// costs one SET NX GET, which also returns an existing record.
 const std::string_view Scripts::claim = R"lua(
 local Z = '00000000000000000000000000000000'
-local n = #KEYS - 1
-local base = redis.call('INCRBY', KEYS[1], n) - n
 local out = {}
-for i = 1, n do
-  local rk = KEYS[i + 1]
+for i = 1, #KEYS / 2 do
+  local rk, ck = KEYS[2 * i - 1], KEYS[2 * i]
   local fp, ttl, mark = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
-  local t = string.format('%d', base + i)
-  local nv, px
-  if mark == '1' then
-    nv, px = 'd' .. fp .. t .. ':', ttl
-  else
-    nv, px = 'p' .. fp .. t .. ':' .. ttl, 2 * tonumber(ttl)
-  end
-  local v = redis.call('SET', rk, nv, 'NX', 'PX', px, 'GET')
-  if not v then
-    out[2 * i - 1] = 1; out[2 * i] = base + i
-  else
+  local v = redis.call('GET', rk)
+  local took = 0
+  if v then
     local st = string.sub(v, 1, 1)
     local c = string.find(v, ':', 34, true)
     if st == 'p' and redis.call('PTTL', rk) <= tonumber(string.sub(v, c + 1)) then
-      redis.call('SET', rk, nv, 'PX', px)
-      out[2 * i - 1] = 5; out[2 * i] = base + i
+      took = 1
     else
       local sfp = string.sub(v, 2, 33)
       if fp ~= Z and sfp ~= Z and sfp ~= fp then
@@ -131,6 +116,15 @@ for i = 1, n do
         out[2 * i - 1] = 2; out[2 * i] = false
       end
     end
+  end
+  if out[2 * i - 1] == nil then
+    local t = string.format('%d', redis.call('INCR', ck))
+    if mark == '1' then
+      redis.call('SET', rk, 'd' .. fp .. t .. ':', 'PX', ttl)
+    else
+      redis.call('SET', rk, 'p' .. fp .. t .. ':' .. ttl, 'PX', 2 * tonumber(ttl))
+    end
+    out[2 * i - 1] = 1 + 4 * took; out[2 * i] = tonumber(t)
   end
 end
 return out

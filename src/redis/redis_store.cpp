@@ -146,12 +146,11 @@ struct RedisStore::Impl {
     k.append(options.key_prefix).append("k:").append(key);
     return k;
   }
-  // The token counter: INCRBY there gives tokens that strictly increase for every key that
-  // uses it. In a cluster, one per hash slot (at most 16384 per prefix), in the slot of its
-  // records, so one script may touch both; a single server has one, so a script call of any
-  // keys reserves its tokens with one INCRBY.
+  // The token counter of the record's hash slot: INCR there gives tokens that strictly
+  // increase for every key of the slot, and it lives in the same slot as the record, so one
+  // script may touch both in a cluster. Bounded: at most 16384 counters per prefix.
   std::string counter_key(std::uint16_t slot) const {
-    return options.key_prefix + "t:{" + redis_detail::slot_tag(options.cluster ? slot : 0) + "}";
+    return options.key_prefix + "t:{" + redis_detail::slot_tag(slot) + "}";
   }
 
   std::string claim_sha() {
@@ -472,13 +471,13 @@ struct RedisStore::Impl {
     std::vector<std::vector<std::size_t>> groups;
   };
 
-  // Runs script `sha` once per node for `items`: numkeys, then the call's own leading keys
-  // (add_lead(cmd, slot of its first item), lead_keys of them), then every item's record key,
-  // then every item's arguments (add_args(cmd, item)). The commands' views into the record
-  // keys die with this call; only the replies are read afterwards.
-  template <class Item, class AddLead, class AddArgs>
-  ScriptRound run_script(std::span<const Item> items, const std::string& sha, std::size_t lead_keys,
-                         AddLead add_lead, AddArgs add_args) {
+  // Runs script `sha` once per node for `items`: numkeys, then every item's keys
+  // (add_keys(cmd, record_key, slot), keys_per_item of them), then every item's arguments
+  // (add_args(cmd, item)). The commands' views into the record keys die with this call;
+  // only the replies are read afterwards.
+  template <class Item, class AddKeys, class AddArgs>
+  ScriptRound run_script(std::span<const Item> items, const std::string& sha,
+                         std::size_t keys_per_item, AddKeys add_keys, AddArgs add_args) {
     std::vector<std::uint16_t> slots;
     std::vector<std::string> keys(items.size());
     for (std::size_t i = 0; i < items.size(); ++i) keys[i] = record_key(items[i].key);
@@ -493,9 +492,8 @@ struct RedisStore::Impl {
       cmd.reserve(3 + idx.size() * 5);
       cmd.add("EVALSHA");
       cmd.add_owned(sha);
-      cmd.add_owned(decimal(static_cast<std::int64_t>(lead_keys + idx.size())));
-      add_lead(cmd, slots[idx.front()]);
-      for (std::size_t i : idx) cmd.add(keys[i]);
+      cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size() * keys_per_item)));
+      for (std::size_t i : idx) add_keys(cmd, keys[i], slots[i]);
       for (std::size_t i : idx) add_args(cmd, items[i]);
     }
     run(round.calls);
@@ -506,8 +504,11 @@ struct RedisStore::Impl {
     if (requests.empty()) return {};
     ensure_scripts();
     auto [calls, groups] = run_script(
-        requests, claim_sha(), 1,
-        [&](Command& cmd, std::uint16_t slot) { cmd.add_owned(counter_key(slot)); },
+        requests, claim_sha(), 2,
+        [&](Command& cmd, const std::string& key, std::uint16_t slot) {
+          cmd.add(key);
+          cmd.add_owned(counter_key(slot));
+        },
         [&](Command& cmd, const ClaimRequest& r) {
           cmd.add_owned(hex_fingerprint(r.fingerprint));
           cmd.add_owned(decimal(positive_ms(r.mark_done ? r.retention : r.lease)));
@@ -551,7 +552,8 @@ struct RedisStore::Impl {
     if (completions.empty()) return {};
     ensure_scripts();
     auto [calls, groups] = run_script(
-        completions, complete_sha(), 0, [](Command&, std::uint16_t) {},
+        completions, complete_sha(), 1,
+        [&](Command& cmd, const std::string& key, std::uint16_t) { cmd.add(key); },
         [&](Command& cmd, const Completion& c) {
           cmd.add_owned(decimal(static_cast<std::int64_t>(c.token)));
           cmd.add_owned(decimal(positive_ms(c.retention)));

@@ -81,8 +81,8 @@ struct RedisStoreStats {
 /// one script call per group of keys (per hash slot in a cluster), all pipelined, so a
 /// batch costs one round trip per node. Records expire by themselves (PX): in-progress after
 /// the lease (plus an equal grace to detect takeovers), done after the retention.
-/// Fencing tokens come from INCRBY on a counter (one per hash slot in a cluster), so they
-/// strictly increase per key across releases, expiries and takeovers. See docs/stores/redis.md.
+/// Fencing tokens come from INCR on a per-hash-slot counter, so they strictly increase per
+/// key across releases, expiries and takeovers. See docs/stores/redis.md.
 ///
 /// Operator hooks (idemctl): inspect() reads one record, stats_summary() SCANs every master,
 /// purge_expired_records() returns 0 (Redis expires records on its own; nothing to purge).
