@@ -210,7 +210,8 @@ class SqliteTx {
   SqliteTx& operator=(const SqliteTx&) = delete;
 
   /// @brief The connection of this transaction (escape hatch to the C API). Statements run
-  /// through it belong to the message, as those run through prepare()/exec() do.
+  /// through it belong to the message, as those run through prepare()/exec() do. Call it only
+  /// inside the handler or the transaction() work: it may open the message's savepoint.
   /// @throws idem::SqliteUnavailable when the message's savepoint cannot be opened.
   sqlite3* native_handle() const;
 
