@@ -469,6 +469,28 @@ TEST(RedisStoreBadInput, BinaryKeysAndA512ByteKeyWork) {
   EXPECT_THROW(store.claim(request(std::string(513, 'k'))), idem::InvalidMessage);
 }
 
+// A full Redis (maxmemory with noeviction) refuses writes: new messages get StoreUnavailable
+// (not acked), but a redelivery of a done key is still answered, since its claim only reads.
+TEST(RedisStoreOutage, FullRedisStillAnswersDuplicatesAndRefusesNewClaimsClearly) {
+  RedisServer server({"--maxmemory-policy", "noeviction"});
+  RedisStore store(options_for(server.port(), "full"));
+  idem::Claim c = store.claim(request("paid"));
+  ASSERT_TRUE(store.complete({.key = "paid", .token = c.token, .response = "card-1"}));
+  EXPECT_NE(server.cli("CONFIG SET maxmemory 1").find("OK"), std::string::npos);
+  idem::Claim again = store.claim(request("paid"));
+  EXPECT_EQ(again.status, ClaimStatus::done);
+  EXPECT_EQ(again.response, "card-1");
+  try {
+    store.claim(request("new"));
+    ADD_FAILURE() << "a claim that must write succeeded on a full Redis";
+  } catch (const idem::StoreUnavailable& e) {
+    std::printf("full: %s\n", e.what());
+    EXPECT_NE(std::string(e.what()).find("OOM"), std::string::npos) << e.what();
+  }
+  EXPECT_NE(server.cli("CONFIG SET maxmemory 0").find("OK"), std::string::npos);
+  EXPECT_EQ(store.claim(request("new")).status, ClaimStatus::acquired);
+}
+
 TEST(RedisStoreOutage, PausedServerTimesOutWithinCommandTimeoutThenRecovers) {
   RedisServer server;
   RedisOptions o = options_for(server.port(), "pause");

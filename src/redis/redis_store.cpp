@@ -96,8 +96,15 @@ constexpr std::string_view kCompleteAdvice =
     "the key done, or takes it over once the lease expires";
 
 [[noreturn]] void bad_reply(std::string_view what, const redisReply* reply) {
-  throw StoreUnavailable("Redis answered " + std::string(what) + " unexpectedly (" +
-                         redis_detail::reply_text(reply) + ")");
+  std::string message = "Redis answered " + std::string(what) + " unexpectedly (" +
+                        redis_detail::reply_text(reply) + ")";
+  if (redis_detail::is_error(reply, "OOM")) {
+    message +=
+        ": Redis is at maxmemory and refuses writes; raise maxmemory or shorten the retention "
+        "(keep maxmemory-policy noeviction: evicting dedup records or token counters weakens "
+        "the guarantees, see docs/stores/redis.md)";
+  }
+  throw StoreUnavailable(message);
 }
 
 }  // namespace
