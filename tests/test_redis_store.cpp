@@ -1039,6 +1039,42 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
   EXPECT_EQ(info->state, idem::RecordInfo::State::done);
 }
 
+// After a failover the store's slot map still names the old master, now a replica. With
+// wait_replicas, that node answers the calls with MOVED and the trailing WAIT with an error;
+// the store must follow the MOVED (the calls did not run there), not report the WAIT error
+// over and over.
+TEST(RedisStoreCluster, WaitStillFollowsRedirectsFromAMasterTurnedReplica) {
+  RedisCluster cluster(/*replicas=*/true);
+  RedisOptions o = options_for(cluster.port(0), "turned");
+  o.cluster = true;
+  o.wait_replicas = 1;
+  o.wait_timeout = 1s;
+  RedisStore store(o);
+  const std::string key = "{hot}order-1";
+  const std::uint16_t hot = static_cast<std::uint16_t>(
+      std::stoi(admin(cluster.port(0), {"CLUSTER", "KEYSLOT", store.record_key(key)})[0]));
+  const std::size_t old_master = cluster.owner(hot);
+  ASSERT_EQ(store.claim(request("{hot}warm-up")).status, ClaimStatus::acquired);  // map cached
+  // A graceful failover: the old master's replica takes over, the old master becomes a replica.
+  std::size_t replica = old_master;
+  for (std::size_t i = 0; i < 6; ++i) {
+    if (i != old_master && cluster.replicates(i, old_master, 0ms)) replica = i;
+  }
+  ASSERT_NE(replica, old_master);
+  admin(cluster.port(replica), {"CLUSTER", "FAILOVER"});
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while ((cluster.owner(hot) != replica || !cluster.replicates(old_master, replica, 0ms)) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(cluster.replicates(old_master, replica, 0ms)) << cluster.describe();
+  idem::Claim c = store.claim(request(key));
+  EXPECT_EQ(c.status, ClaimStatus::acquired);
+  EXPECT_TRUE(store.complete({.key = key, .token = c.token}));
+  EXPECT_GT(store.stats().redirects, 0u);
+  EXPECT_EQ(store.claim(request(key)).status, ClaimStatus::done);
+}
+
 TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
   RedisCluster cluster(/*replicas=*/true);
   const std::size_t kKeys = kSanitized ? 4'000 : 10'000;

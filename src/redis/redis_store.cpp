@@ -316,8 +316,12 @@ struct RedisStore::Impl {
 
   // One pipeline to one node, followed by WAIT when asked for.
   // Reads (operator inspection) pass replicate = false: there is nothing to wait for.
+  // With `shortfall`, a WAIT that fell short (or failed: a replica refuses WAIT) is reported
+  // there instead of thrown, so that the caller can still follow the redirects in the replies:
+  // a node that became a replica answers every command with MOVED, and those did not run.
   std::vector<ReplyPtr> exchange(Node& node, std::vector<Command*>& cmds,
-                                 std::span<const bool> asking = {}, bool replicate = true) {
+                                 std::span<const bool> asking = {}, bool replicate = true,
+                                 std::string* shortfall = nullptr) {
     if (options.wait_replicas <= 0 || !replicate) return node.exchange(cmds, asking);
     Command wait{"WAIT"};
     wait.add_owned(decimal(options.wait_replicas));
@@ -332,14 +336,17 @@ struct RedisStore::Impl {
     ReplyPtr ack = std::move(replies.back());
     replies.pop_back();
     if (ack->type != REDIS_REPLY_INTEGER || ack->integer < options.wait_replicas) {
-      throw ReplicationShortfall(
+      std::string what =
+
           "Redis at " + node.endpoint().text() + " got " +
           (ack->type == REDIS_REPLY_INTEGER ? std::to_string(ack->integer)
                                             : redis_detail::reply_text(ack.get())) +
           " of RedisOptions::wait_replicas=" + std::to_string(options.wait_replicas) +
           " replica acknowledgements within wait_timeout (" +
           std::to_string(options.wait_timeout.count()) +
-          " ms): a failover now could forget this call; check the replicas' links");
+          " ms): a failover now could forget this call; check the replicas' links";
+      if (shortfall == nullptr) throw ReplicationShortfall(what);
+      *shortfall = std::move(what);
     }
     return replies;
   }
@@ -379,6 +386,7 @@ struct RedisStore::Impl {
       for (std::size_t p = 0; p < pending.size(); ++p) by_node[pending[p].node].push_back(p);
       std::vector<Pending> next;
       bool refresh = false;
+      std::string unreplicated;  // set when a call ran but WAIT did not confirm it
       for (auto& [node, idxs] : by_node) {
         std::vector<Command*> cmds;
         std::unique_ptr<bool[]> asking(new bool[idxs.size()]);
@@ -387,11 +395,10 @@ struct RedisStore::Impl {
           asking[n] = pending[idxs[n]].asking;
         }
         std::vector<ReplyPtr> replies;
+        std::string shortfall;
         try {
-          replies =
-              exchange(*node, cmds, std::span<const bool>(asking.get(), idxs.size()), replicate);
-        } catch (const ReplicationShortfall&) {
-          throw;
+          replies = exchange(*node, cmds, std::span<const bool>(asking.get(), idxs.size()),
+                             replicate, &shortfall);
         } catch (const StoreUnavailable& e) {
           // The node is down or failing over: re-read the map (a replica may be promoted)
           // and retry. A call that did run before the failure is safe to repeat: a repeated
@@ -422,6 +429,7 @@ struct RedisStore::Impl {
             next.push_back({p.call, nullptr, false});
           } else {
             calls[p.call].reply = std::move(replies[n]);
+            if (!shortfall.empty()) unreplicated = shortfall;  // it ran, unconfirmed
           }
         }
       }
@@ -432,6 +440,9 @@ struct RedisStore::Impl {
           last_problem = e.what();
         }
       }
+      // Calls that ran where their replication could not be confirmed fail the whole run,
+      // now that the redirects met on the way have updated the slot map.
+      if (!unreplicated.empty()) throw ReplicationShortfall(unreplicated);
       for (Pending& p : next) {
         if (p.node == nullptr) p.node = &owner_of(calls[p.call].slot);
       }
