@@ -159,6 +159,59 @@ TEST(RedisStore, ScriptCacheFlushIsSurvived) {
   EXPECT_GE(store.stats().script_loads, 6u);
 }
 
+// A server that lost its script cache refuses the calls with NOSCRIPT; the store reloads the
+// scripts and resends them. With wait_replicas, the WAIT must be resent after them: the first
+// one answered for writes that had not run yet, at once.
+TEST(RedisStore, WaitIsResentAfterScriptsResentForNoscript) {
+  RedisServer master({"--repl-diskless-sync-delay", "0"});
+  RedisServer replica({"--replicaof", "127.0.0.1", std::to_string(master.port())});
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (master.cli("INFO replication").find("state=online") == std::string::npos) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << master.cli("INFO replication");
+    std::this_thread::sleep_for(50ms);
+  }
+  RedisOptions o = options_for(master.port(), "noscript-wait");
+  o.wait_replicas = 1;
+  o.wait_timeout = 1s;
+  o.command_timeout = 3s;  // WAIT answers after wait_timeout
+  RedisStore store(o);
+  // Until the fresh replica acknowledges writes, claims fall short; wait for one that does not.
+  bool confirmed = false;
+  for (int i = 0; !confirmed && std::chrono::steady_clock::now() < deadline; ++i) {
+    try {
+      confirmed =
+          store.claim(request("warm-up-" + std::to_string(i))).status == ClaimStatus::acquired;
+    } catch (const idem::StoreUnavailable&) {
+      std::this_thread::sleep_for(50ms);
+    }
+  }
+  ASSERT_TRUE(confirmed) << master.cli("INFO replication");
+  // A store whose connection has written nothing yet: a WAIT on it is answered at once.
+  RedisStore fresh(o);
+  fresh.ping();
+  // ... once the replica has acknowledged everything up to now (the script loads included).
+  auto caught_up = [&] {
+    const std::string info = master.cli("INFO replication");
+    auto number_after = [&](const std::string& label) {
+      const std::size_t at = info.find(label);
+      return at == std::string::npos ? -1LL : std::atoll(info.c_str() + at + label.size());
+    };
+    const long long acked = number_after(",offset=");
+    return acked >= 0 && acked >= number_after("master_repl_offset:");
+  };
+  while (!caught_up()) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << master.cli("INFO replication");
+    std::this_thread::sleep_for(50ms);
+  }
+  // The replica stops acknowledging (its link still looks up), and the master forgets its
+  // scripts: the next claim is refused, reloaded and resent, and cannot be confirmed.
+  ASSERT_EQ(::kill(replica.pid(), SIGSTOP), 0);
+  EXPECT_NE(master.cli("SCRIPT FLUSH").find("OK"), std::string::npos);
+  EXPECT_THROW(fresh.claim(request("unconfirmed")), idem::StoreUnavailable);
+  EXPECT_GE(fresh.stats().script_loads, 6u) << "the scripts were reloaded";
+  ASSERT_EQ(::kill(replica.pid(), SIGCONT), 0);
+}
+
 TEST(RedisStore, RecordsLiveUnderThePrefixAndExpireWithPx) {
   RedisStore store(options_for(shared_server().port(), "layout"));
   idem::Claim c = store.claim(request("order-1", 5s));

@@ -435,7 +435,7 @@ std::vector<ReplyPtr> Node::exchange_once(std::span<Command* const> commands,
 }
 
 std::vector<ReplyPtr> Node::exchange(std::span<Command* const> commands,
-                                     std::span<const bool> asking) {
+                                     std::span<const bool> asking, bool resend_last) {
   std::vector<ReplyPtr> replies = exchange_once(commands, asking);
   // NOSCRIPT: the server lost its script cache (restart, SCRIPT FLUSH, failover). The command
   // did not run; load the scripts on a fresh handshake and resend just those commands.
@@ -444,6 +444,8 @@ std::vector<ReplyPtr> Node::exchange(std::span<Command* const> commands,
     if (is_error(replies[i].get(), "NOSCRIPT")) again.push_back(i);
   }
   if (again.empty()) return replies;
+  // The trailing WAIT answered for writes that had not run; it must follow the resent ones.
+  if (resend_last && again.back() != replies.size() - 1) again.push_back(replies.size() - 1);
   {
     PooledConnection conn = acquire();
     SigpipeGuard sigpipe;

@@ -124,10 +124,11 @@ class Node {
 
   /// Sends the commands in one pipeline (each preceded by ASKING when asking[i]) and reads
   /// one reply each. Replies that are Redis errors are returned as such; NOSCRIPT replies are
-  /// answered by reloading the scripts and resending those commands.
+  /// answered by reloading the scripts and resending those commands, followed again by the
+  /// last command when resend_last (a trailing WAIT must follow the writes it confirms).
   /// @throws StoreUnavailable on I/O errors, timeouts, protocol errors.
   std::vector<ReplyPtr> exchange(std::span<Command* const> commands,
-                                 std::span<const bool> asking = {});
+                                 std::span<const bool> asking = {}, bool resend_last = false);
 
   /// Throws StoreUnavailable describing the context's error (I/O, timeout, EOF, protocol).
   [[noreturn]] void throw_io(redisContext* ctx, std::string_view during) const;

@@ -331,7 +331,7 @@ struct RedisStore::Impl {
     for (std::size_t i = 0; i + 1 < cmds.size(); ++i) flags[i] = !asking.empty() && asking[i];
     flags[cmds.size() - 1] = false;
     std::vector<ReplyPtr> replies =
-        node.exchange(cmds, std::span<const bool>(flags.get(), cmds.size()));
+        node.exchange(cmds, std::span<const bool>(flags.get(), cmds.size()), /*resend_last=*/true);
     cmds.pop_back();
     ReplyPtr ack = std::move(replies.back());
     replies.pop_back();

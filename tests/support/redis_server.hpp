@@ -124,6 +124,8 @@ class RedisServer {
   int port() const noexcept { return port_; }
   const std::string& dir() const noexcept { return dir_; }
   bool running() const noexcept { return pid_ > 0; }
+  /// The server's process id (for SIGSTOP/SIGCONT in tests); -1 when it is not running.
+  pid_t pid() const noexcept { return pid_; }
 
   /// Starts (again) on the same port and directory; waits until it answers PING.
   void start() {
