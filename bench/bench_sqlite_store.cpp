@@ -29,30 +29,13 @@
 #include <vector>
 
 #include "idem/sqlite.hpp"
+#include "support/temp_dir.hpp"
 
 namespace {
 
 constexpr int kBatch = 1000;
 
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("IDEM_BENCH_DIR");
-    std::string pattern = std::string(base ? base : "/tmp") + "/idem-bench-sqlite-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::string file(const char* name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using idem::testing::TempDir;
 
 idem::SqliteSync sync_of(const benchmark::State& state) {
   return state.range(0) == 0 ? idem::SqliteSync::full : idem::SqliteSync::normal;
@@ -134,7 +117,7 @@ class RawTable {
 };
 
 void BM_RawBatch(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   std::uint64_t next = 0;
   std::vector<std::string> keys(kBatch);
@@ -151,7 +134,7 @@ void BM_RawBatch(benchmark::State& state) {
 }
 
 void BM_RawBatchSavepoint(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   std::uint64_t next = 0;
   std::vector<std::string> keys(kBatch);
@@ -172,7 +155,7 @@ void BM_RawBatchSavepoint(benchmark::State& state) {
 }
 
 void BM_RawBatchCard(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   std::uint64_t next = 0;
   std::vector<std::string> keys(kBatch);
@@ -201,7 +184,7 @@ void create_cards(idem::SqliteStore& store) {
 }
 
 void BM_IdemBatchCard(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   create_cards(store);
   idem::IdempotentConsumer consumer(store, issue_card);
@@ -223,7 +206,7 @@ void BM_IdemBatchCard(benchmark::State& state) {
 }
 
 void BM_RawSingleCard(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   std::uint64_t next = 0;
   for (auto _ : state) {
@@ -236,7 +219,7 @@ void BM_RawSingleCard(benchmark::State& state) {
 }
 
 void BM_IdemSingleCard(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   create_cards(store);
   idem::IdempotentConsumer consumer(store, issue_card);
@@ -253,7 +236,7 @@ void BM_IdemSingleCard(benchmark::State& state) {
 }
 
 void BM_IdemBatch(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   idem::IdempotentConsumer consumer(store, [](const idem::Message&, idem::SqliteTx&) {});
   std::uint64_t next = 0;
@@ -274,7 +257,7 @@ void BM_IdemBatch(benchmark::State& state) {
 }
 
 void BM_RawSingle(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   std::uint64_t next = 0;
   for (auto _ : state) raw.insert(key_of(next++));  // autocommit: one transaction each
@@ -283,7 +266,7 @@ void BM_RawSingle(benchmark::State& state) {
 }
 
 void BM_IdemSingle(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   idem::IdempotentConsumer consumer(store, [](const idem::Message&, idem::SqliteTx&) {});
   std::uint64_t next = 0;
@@ -299,7 +282,7 @@ void BM_IdemSingle(benchmark::State& state) {
 }
 
 void BM_IdemClaimComplete(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   idem::IdempotentConsumer consumer(store, [](const idem::Message&) {});
   std::uint64_t next = 0;
@@ -344,7 +327,7 @@ void paired(benchmark::State& state, int messages_per_op, Raw&& raw, Idem&& idem
 }
 
 void BM_PairBatch(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   idem::IdempotentConsumer consumer(store, [](const idem::Message&, idem::SqliteTx&) {});
@@ -369,7 +352,7 @@ void BM_PairBatch(benchmark::State& state) {
 }
 
 void BM_PairSingle(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   idem::IdempotentConsumer consumer(store, [](const idem::Message&, idem::SqliteTx&) {});
@@ -383,7 +366,7 @@ void BM_PairSingle(benchmark::State& state) {
 }
 
 void BM_PairBatchCard(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   create_cards(store);
@@ -409,7 +392,7 @@ void BM_PairBatchCard(benchmark::State& state) {
 }
 
 void BM_PairSingleCard(benchmark::State& state) {
-  TempDir dir;
+  TempDir dir("bench-sqlite");
   RawTable raw(dir.file("raw.db"), sync_of(state));
   idem::SqliteStore store(dir.file("idem.db"), {.synchronous = sync_of(state)});
   create_cards(store);
