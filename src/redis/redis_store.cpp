@@ -305,15 +305,6 @@ struct RedisStore::Impl {
     return true;
   }
 
-  // Runs every call and fills its reply: one pipeline per node. In a cluster, MOVED updates
-  // the map and retries, ASK retries once at the importing node behind ASKING, TRYAGAIN
-  // (a slot mid-migration) and CLUSTERDOWN wait and retry, and a node that fails is dropped
-  // from the map by a refresh. Gives up after max_redirects rounds or command_timeout.
-  // Not worth retrying: the writes happened on the master, only their replication is unsure.
-  struct ReplicationShortfall : StoreUnavailable {
-    using StoreUnavailable::StoreUnavailable;
-  };
-
   // One pipeline to one node, followed by WAIT when asked for.
   // Reads (operator inspection) pass replicate = false: there is nothing to wait for.
   // With `shortfall`, a WAIT that fell short (or failed: a replica refuses WAIT) is reported
@@ -337,7 +328,6 @@ struct RedisStore::Impl {
     replies.pop_back();
     if (ack->type != REDIS_REPLY_INTEGER || ack->integer < options.wait_replicas) {
       std::string what =
-
           "Redis at " + node.endpoint().text() + " got " +
           (ack->type == REDIS_REPLY_INTEGER ? std::to_string(ack->integer)
                                             : redis_detail::reply_text(ack.get())) +
@@ -345,12 +335,16 @@ struct RedisStore::Impl {
           " replica acknowledgements within wait_timeout (" +
           std::to_string(options.wait_timeout.count()) +
           " ms): a failover now could forget this call; check the replicas' links";
-      if (shortfall == nullptr) throw ReplicationShortfall(what);
+      if (shortfall == nullptr) throw StoreUnavailable(what);
       *shortfall = std::move(what);
     }
     return replies;
   }
 
+  // Runs every call and fills its reply: one pipeline per node. In a cluster, MOVED updates
+  // the map and retries, ASK retries once at the importing node behind ASKING, TRYAGAIN
+  // (a slot mid-migration) and CLUSTERDOWN wait and retry, and a node that fails is dropped
+  // from the map by a refresh. Gives up after max_redirects rounds or command_timeout.
   void run(std::vector<Call>& calls, bool replicate = true) {
     if (!options.cluster) {
       std::vector<Command*> cmds;
@@ -440,9 +434,10 @@ struct RedisStore::Impl {
           last_problem = e.what();
         }
       }
-      // Calls that ran where their replication could not be confirmed fail the whole run,
-      // now that the redirects met on the way have updated the slot map.
-      if (!unreplicated.empty()) throw ReplicationShortfall(unreplicated);
+      // Calls that ran where their replication could not be confirmed fail the whole run (not
+      // retried: the writes happened, only their replication is unsure), now that the
+      // redirects met on the way have updated the slot map.
+      if (!unreplicated.empty()) throw StoreUnavailable(unreplicated);
       for (Pending& p : next) {
         if (p.node == nullptr) p.node = &owner_of(calls[p.call].slot);
       }
