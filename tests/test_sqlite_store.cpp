@@ -513,16 +513,40 @@ TEST_F(SqliteInbox, OffsetsCommitWithTheBatchAndReadBack) {
 }
 
 TEST_F(SqliteInbox, ConfigErrorWhenTheHandlerReentersTheStoreOrEndsTheTransaction) {
+  // Misuse is not a handler failure: the ConfigError escapes and nothing commits.
   IdempotentConsumer reenter(store_,
                              [&](const Message& m, SqliteTx&) { store_.claim({.key = m.key}); });
-  Result r = reenter.consume({.key = "k1", .payload = "p"});
-  EXPECT_EQ(r.outcome, Outcome::failed);
-  EXPECT_THROW(std::rethrow_exception(r.error), idem::ConfigError);
+  EXPECT_THROW(reenter.consume({.key = "k1", .payload = "p"}), idem::ConfigError);
+  EXPECT_FALSE(store_.inspect("k1").has_value());
 
   IdempotentConsumer commits(store_, [](const Message&, SqliteTx& tx) {
     sqlite3_exec(tx.native_handle(), "COMMIT", nullptr, nullptr, nullptr);
   });
   EXPECT_THROW(commits.consume({.key = "k2", .payload = "p"}), idem::ConfigError);
+  EXPECT_FALSE(store_.inspect("k2").has_value());
+
+  // Through the helper, every spelling of ending the transaction is refused before it runs.
+  for (const char* sql : {"COMMIT", "ROLLBACK", "END", "BEGIN", "commit transaction",
+                          "RELEASE idem_message", "ROLLBACK TO idem_message"}) {
+    IdempotentConsumer helper(store_, [&](const Message&, SqliteTx& tx) {
+      tx.exec("INSERT INTO cards(msg, key) VALUES('x', ?1)", SqliteBlob{"k3"});
+      tx.exec(sql);
+    });
+    EXPECT_THROW(helper.consume({.key = "k3", .payload = "p"}), idem::ConfigError) << sql;
+    EXPECT_FALSE(store_.inspect("k3").has_value()) << sql;
+  }
+  store_.transaction([](SqliteTx& tx) {
+    EXPECT_EQ(tx.query_int64("SELECT count(*) FROM cards WHERE msg = 'x'"), 0);
+    EXPECT_THROW(tx.exec("COMMIT"), idem::ConfigError);
+  });
+  // A savepoint of the handler's own is fine.
+  IdempotentConsumer own(store_, [&](const Message&, SqliteTx& tx) {
+    tx.exec("SAVEPOINT mine");
+    tx.exec("INSERT INTO cards(msg, key) VALUES('y', ?1)", SqliteBlob{"k4"});
+    tx.exec("ROLLBACK TO mine");
+    tx.exec("RELEASE mine");
+  });
+  EXPECT_EQ(own.consume({.key = "k4", .payload = "p"}).outcome, Outcome::processed);
 }
 
 TEST_F(SqliteInbox, StatementHelpersReportBadSqlClearly) {

@@ -21,24 +21,22 @@
 #include "idem/detail/invoke_handler.hpp"
 #include "idem/detail/settle.hpp"
 #include "idem/fingerprint.hpp"
+#include "idem/inbox_store.hpp"
 #include "idem/message.hpp"
 #include "idem/metrics.hpp"
 #include "idem/options.hpp"
+#include "idem/partition_offset.hpp"
 #include "idem/result.hpp"
 
 namespace idem {
 
-/// @brief A store that can run the handler inside the transaction that records the key
-/// (see idem::SqliteStore). It provides `Transaction` and
-///   Result consume_in_transaction(const ClaimRequest&,
-///   FunctionRef<optional<string>(Transaction&)>) vector<Result>
-///   consume_batch_in_transaction(span<const ClaimRequest>,
-///                                               FunctionRef<optional<string>(size_t,
-///                                               Transaction&)>)
+/// @brief A store that can run the handler inside the transaction that records the key: it
+/// derives from idem::InboxStore<Store::Transaction> (idem::SqliteStore, idem::PostgresStore).
 template <class Store>
 concept TransactionalStore = requires {
   typename Store::Transaction;
-};
+}
+&&std::is_base_of_v<InboxStore<typename Store::Transaction>, Store>;
 
 namespace detail {
 template <class Handler, class Store>
@@ -58,8 +56,8 @@ constexpr bool runs_in_transaction() {
 /// std::string (a returned value is stored and replayed to duplicates):
 /// - R(const idem::Message&)
 /// - R(const idem::Message&, idem::FencingToken)
-/// - void(const idem::Message&, Store::Transaction&) with a transactional store such as
-///   idem::SqliteStore: the handler's writes and the dedup record commit together.
+/// - R(const idem::Message&, Store::Transaction&) with a transactional store (idem::SqliteStore,
+///   idem::PostgresStore): the handler's writes and the dedup record commit together.
 ///
 /// consume() may be called from many threads at once if the handler may be.
 template <class Handler, class Store = DedupStore>
@@ -82,16 +80,10 @@ class IdempotentConsumer {
   Result consume(const Message& message) {
     ClaimRequest request = request_for(message);
     if constexpr (detail::runs_in_transaction<Handler, Store>()) {
-      Result result = guard_store([&] {
-        return store_.consume_in_transaction(
-            request, [&](typename Store::Transaction& tx) -> std::optional<std::string> {
-              return timed(Timing::handler,
-                           [&] { return detail::call_returning_response(handler_, message, tx); });
-            });
-      });
-      count(result);
-      rethrow_if_asked(result);
-      return result;
+      std::vector<Result> results =
+          consume_in_inbox(std::span<const Message>(&message, 1),
+                           std::span<const ClaimRequest>(&request, 1), {}, nullptr);
+      return std::move(results.front());
     } else {
       Result result = run_claimed(message, claim(request));
       rethrow_if_asked(result);
@@ -108,20 +100,31 @@ class IdempotentConsumer {
     requests.reserve(batch.size());
     for (const Message& message : batch) requests.push_back(request_for(message));
     if constexpr (detail::runs_in_transaction<Handler, Store>()) {
-      std::vector<Result> results = guard_store([&] {
-        return store_.consume_batch_in_transaction(
-            requests,
-            [&](std::size_t i, typename Store::Transaction& tx) -> std::optional<std::string> {
-              return timed(Timing::handler,
-                           [&] { return detail::call_returning_response(handler_, batch[i], tx); });
-            });
-      });
-      for (const Result& result : results) count(result);
-      for (const Result& result : results) rethrow_if_asked(result);
-      return results;
+      return consume_in_inbox(batch, requests, {}, nullptr);
     } else {
       return consume_batch_with_claims(batch, requests);
     }
+  }
+
+  /// @brief consume_batch() in one transaction of a transactional store, storing offsets in
+  /// the same transaction: a consumer that resumes from the store's committed_offsets() after
+  /// a crash starts exactly where its committed effects end. A handler that takes only the
+  /// Message runs inside the transaction too.
+  ///
+  /// The offsets are stored only if every result is ackable (idem::should_ack). Otherwise (a
+  /// message failed, was in_progress or conflicted) the stored offsets are left unchanged, so
+  /// nothing unacked is skipped after a restart: the whole batch is replayed, its processed
+  /// messages as duplicates. *offsets_saved (when given) tells whether they were stored; when
+  /// false, redeliver or dead-letter the unacked messages, then store the offsets yourself
+  /// (save_offsets) or consume the batch again.
+  /// @throws as consume_batch (with rethrow_handler_errors, after the commit).
+  std::vector<Result> consume_batch_with_offsets(
+      std::span<const Message> batch, std::span<const PartitionOffset> offsets,
+      bool* offsets_saved = nullptr) requires TransactionalStore<Store> {
+    std::vector<ClaimRequest> requests;
+    requests.reserve(batch.size());
+    for (const Message& message : batch) requests.push_back(request_for(message));
+    return consume_in_inbox(batch, requests, offsets, offsets_saved);
   }
 
   const Options& options() const noexcept { return options_; }
@@ -166,10 +169,44 @@ class IdempotentConsumer {
           .outcome = Outcome::processed, .response = std::move(response), .fencing_token = token};
     } catch (...) {
       guard.release();
-      log_handler_failure(message);
+      log_handler_failure(message, std::current_exception(),
+                          options_.mark == Mark::before_processing
+                              ? "the key stays recorded (Mark::before_processing: at-most-once)"
+                              : "the claim was released for a redelivery");
       return Result{
           .outcome = Outcome::failed, .error = std::current_exception(), .fencing_token = token};
     }
+  }
+
+  // The transactional inbox: the store runs the handler inside the transaction that records
+  // the key. Counted and logged like every other path.
+  std::vector<Result> consume_in_inbox(std::span<const Message> batch,
+                                       std::span<const ClaimRequest> requests,
+                                       std::span<const PartitionOffset> offsets,
+                                       bool* offsets_saved) requires TransactionalStore<Store> {
+    using Tx = typename Store::Transaction;
+    std::vector<Result> results = guard_store([&] {
+      return store_.consume_batch_in_transaction(
+          requests,
+          [&](std::size_t i, Tx& tx) -> std::optional<std::string> {
+            return timed(Timing::handler, [&] {
+              if constexpr (std::is_invocable_v<Handler&, const Message&, Tx&>) {
+                return detail::call_returning_response(handler_, batch[i], tx);
+              } else {
+                return detail::call_returning_response(handler_, batch[i]);
+              }
+            });
+          },
+          offsets, offsets_saved);
+    });
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      if (results[i].outcome == Outcome::failed) {
+        log_handler_failure(batch[i], results[i].error, "its writes were rolled back");
+      }
+      count(results[i]);
+    }
+    for (const Result& result : results) rethrow_if_asked(result);
+    return results;
   }
 
   Completion completion_for(const Message& message, const Result& result) const {
@@ -315,12 +352,13 @@ class IdempotentConsumer {
     }
   }
 
-  void log_handler_failure(const Message& message) const {
+  void log_handler_failure(const Message& message, const std::exception_ptr& error,
+                           std::string_view consequence) const {
     if (options_.logger == nullptr) return;
     std::string line = "handler failed for a " + std::to_string(message.key.size()) +
-                       "-byte key; the claim was released for a redelivery";
+                       "-byte key; " + std::string(consequence);
     try {
-      throw;
+      std::rethrow_exception(error);
     } catch (const std::exception& e) {
       line += ": ";
       line += e.what();
@@ -337,5 +375,18 @@ class IdempotentConsumer {
   Handler handler_;
   Options options_;
 };
+
+}  // namespace idem
+
+namespace idem {
+
+/// @brief consumer.consume_batch_with_offsets(batch, offsets, offsets_saved); kept for code
+/// written against the SQLite-only free function.
+template <class Handler, class Store>
+requires TransactionalStore<Store> std::vector<Result> consume_batch_with_offsets(
+    IdempotentConsumer<Handler, Store>& consumer, std::span<const Message> batch,
+    std::span<const PartitionOffset> offsets, bool* offsets_saved = nullptr) {
+  return consumer.consume_batch_with_offsets(batch, offsets, offsets_saved);
+}
 
 }  // namespace idem

@@ -134,7 +134,9 @@ class DedupStore {
   virtual StoreStats do_stats_summary();
   virtual std::size_t do_purge_expired(std::size_t max_records);
 
- private:
+ protected:
+  /// @brief Runs f; lets idem::Error through and turns any other exception into
+  /// idem::StoreUnavailable naming this store.
   template <class F>
   auto translate_errors(F&& f) -> decltype(f()) {
     try {
@@ -145,6 +147,8 @@ class DedupStore {
       throw_unavailable(e.what());
     }
   }
+
+ private:
   [[noreturn]] void throw_unavailable(const char* what) const;
   [[noreturn]] void throw_miscounted(const char* operation, std::size_t answers,
                                      std::size_t requests) const;

@@ -151,7 +151,7 @@ struct Consumer::Impl {
       if (options_.on_revoke) {
         std::vector<PartitionOffset> revoked = to_vector(partitions);
         for (PartitionOffset& p : revoked)
-          p.offset = partitions_[{p.topic, p.partition}].next_offset;
+          p.next_offset = partitions_[{p.topic, p.partition}].next_offset;
         try {
           options_.on_revoke(revoked);
         } catch (const std::exception& e) {
@@ -199,7 +199,7 @@ struct Consumer::Impl {
       for (const PartitionOffset& wanted : options_.on_assign(assigned)) {
         rd_kafka_topic_partition_t* p =
             rd_kafka_topic_partition_list_find(partitions, wanted.topic.c_str(), wanted.partition);
-        if (p != nullptr) p->offset = wanted.offset;
+        if (p != nullptr) p->offset = wanted.next_offset;
       }
     } catch (const std::exception& e) {
       report(std::string("on_assign threw; starting from committed offsets: ") + e.what());

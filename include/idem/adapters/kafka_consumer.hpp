@@ -18,6 +18,7 @@
 #include "idem/adapters/kafka_common.hpp"
 #include "idem/consumer.hpp"
 #include "idem/message.hpp"
+#include "idem/partition_offset.hpp"
 #include "idem/result.hpp"
 
 // Forward declarations: users who do not touch native handles never see librdkafka's header.
@@ -45,13 +46,9 @@ struct Record {
   std::optional<std::string_view> header(std::string_view name) const noexcept;
 };
 
-/// @brief A partition and a position in it.
-struct PartitionOffset {
-  std::string topic{};
-  std::int32_t partition = 0;
-  /// Next offset to read. -1001 (RD_KAFKA_OFFSET_INVALID): use the group's committed offset.
-  std::int64_t offset = -1001;
-};
+/// @brief A partition and a position in it (idem::PartitionOffset; next_offset
+/// PartitionOffset::kUnset: use the group's committed offset).
+using PartitionOffset = idem::PartitionOffset;
 
 /// @brief Where the biz-id (idem::Message::key) of a record comes from.
 enum class KeySource {

@@ -20,12 +20,11 @@
 
 #include "idem/claim.hpp"
 #include "idem/clock.hpp"
-#include "idem/consumer.hpp"
 #include "idem/dedup_store.hpp"
 #include "idem/detail/function_ref.hpp"
-#include "idem/detail/invoke_handler.hpp"
 #include "idem/error.hpp"
-#include "idem/message.hpp"
+#include "idem/inbox_store.hpp"
+#include "idem/partition_offset.hpp"
 #include "idem/result.hpp"
 
 struct sqlite3;
@@ -107,15 +106,6 @@ struct SqliteStoreOptions {
 /// @brief A BLOB parameter (SqliteStatement binds std::string_view as TEXT).
 struct SqliteBlob {
   std::string_view bytes;
-};
-
-/// @brief (topic, partition) -> the next offset to consume, stored in the same transaction as
-/// the messages it covers.
-struct PartitionOffset {
-  std::string topic;
-  std::int32_t partition = 0;
-  /// The offset of the next message to consume (Kafka's committed-offset convention).
-  std::int64_t next_offset = 0;
 };
 
 /// @brief A prepared statement borrowed from the connection's cache; reset (and its bindings
@@ -203,7 +193,8 @@ class SqliteStatement {
 
 /// @brief The open write transaction a transactional handler runs in. Everything executed
 /// through it (or through native_handle()) commits together with the dedup record, or not at
-/// all. Do not COMMIT, ROLLBACK or RELEASE it yourself; SAVEPOINTs of your own are fine.
+/// all. Do not BEGIN, COMMIT, ROLLBACK or END it yourself (idem::ConfigError from prepare()
+/// and exec(); SQLITE_AUTH through native_handle()); SAVEPOINTs of your own are fine.
 class SqliteTx {
  public:
   SqliteTx(const SqliteTx&) = delete;
@@ -261,10 +252,8 @@ class SqliteTx {
 /// - transactional inbox, when IdempotentConsumer's handler takes an idem::SqliteTx& (or via
 ///   consume_in_transaction): the record and the handler's writes commit in one transaction;
 ///   no lease, no window of duplication.
-class SqliteStore final : public DedupStore {
+class SqliteStore final : public InboxStore<SqliteTx> {
  public:
-  using Transaction = SqliteTx;
-
   /// @brief Opens (creating if needed) the database at path, in WAL mode, and its tables.
   /// @throws idem::ConfigError for bad options.
   /// @throws idem::SqliteUnavailable when the file cannot be opened or written (missing
@@ -276,45 +265,12 @@ class SqliteStore final : public DedupStore {
   std::string_view name() const noexcept override { return "sqlite"; }
   const std::string& path() const noexcept;
 
-  /// @brief Records the key and runs handler in one BEGIN IMMEDIATE transaction: on success
-  /// the handler's writes and the done record commit together (processed); a handler
-  /// exception rolls both back (failed, Result::error set; a redelivery processes it). A
-  /// done key gives duplicate (with its response), a differing fingerprint conflict, a live
-  /// claim taken through claim() in_progress. With request.mark_done the record is kept
-  /// even when the handler throws (at-most-once), its writes are not.
-  /// @throws idem::InvalidMessage for a bad key.
-  /// @throws idem::SqliteUnavailable when the transaction cannot commit (nothing recorded).
-  Result consume_in_transaction(const ClaimRequest& request,
-                                detail::FunctionRef<std::optional<std::string>(SqliteTx&)> handler);
-
-  /// @brief consume_in_transaction for a batch in one transaction (one commit, one fsync),
-  /// with a SAVEPOINT per message so a failing handler rolls back only its own message. A
-  /// key repeated in the batch sees the earlier occurrence as done. If the commit fails,
-  /// nothing of the batch is recorded.
-  ///
-  /// offsets are stored in the same transaction only if every result is ackable
-  /// (idem::should_ack: processed or duplicate). If any message failed, was in_progress or
-  /// conflicted, the stored offsets stay as they were (the results are still committed), so
-  /// a consumer resuming from them after a crash replays the whole batch: its processed
-  /// messages come back as duplicates, the others are retried. *offsets_saved (when given)
-  /// tells which happened.
-  /// @throws idem::InvalidMessage naming the first bad request; nothing is processed then.
-  /// @throws idem::SqliteUnavailable when the transaction cannot commit.
-  std::vector<Result> consume_batch_in_transaction(
-      std::span<const ClaimRequest> requests,
-      detail::FunctionRef<std::optional<std::string>(std::size_t, SqliteTx&)> handler,
-      std::span<const PartitionOffset> offsets = {}, bool* offsets_saved = nullptr);
+  // consume_in_transaction, consume_batch_in_transaction, committed_offset(s) and
+  // save_offsets come from InboxStore: each is one BEGIN IMMEDIATE transaction.
 
   /// @brief Runs work in one write transaction of this store's connection (for schema set-up,
   /// reading business tables, ...). Commits when work returns, rolls back if it throws.
   void transaction(detail::FunctionRef<void(SqliteTx&)> work);
-
-  /// @brief The next offset stored for (topic, partition); nullopt when none was stored.
-  std::optional<std::int64_t> committed_offset(std::string_view topic, std::int32_t partition);
-  /// @brief Every stored offset, ordered by topic and partition (for start-up or rebalance).
-  std::vector<PartitionOffset> committed_offsets();
-  /// @brief Stores offsets in a transaction of their own (e.g. after a run of duplicates).
-  void save_offsets(std::span<const PartitionOffset> offsets);
 
   /// @brief Deletes up to max_records expired records (done past retention, released, or
   /// lease expired), in transactions of at most 1000; returns how many were deleted.
@@ -333,59 +289,14 @@ class SqliteStore final : public DedupStore {
   std::size_t do_purge_expired(std::size_t max_records) override {
     return purge_expired(max_records);
   }
+  std::unique_ptr<InboxTransaction> begin_inbox(bool may_defer) override;
+  std::vector<PartitionOffset> do_committed_offsets() override;
+  SqliteTx& tx_of(InboxTransaction& transaction) override;
 
   class Lock;
+  class Inbox;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
-
-/// @brief consumer.consume_batch(batch), storing offsets in the same transaction as the
-/// batch's results: a consumer that resumes from committed_offset() after a crash starts
-/// exactly where its committed effects end.
-///
-/// The offsets are stored only if every result is ackable (idem::should_ack). Otherwise
-/// (a message failed, was in_progress or conflicted) the stored offsets are left unchanged,
-/// so nothing unacked is skipped after a restart: the whole batch is replayed, its processed
-/// messages as duplicates. *offsets_saved (when given) is set to whether they were stored;
-/// when false, redeliver or dead-letter the unacked messages, then store the offsets
-/// yourself (SqliteStore::save_offsets) or consume the batch again.
-/// @throws as IdempotentConsumer::consume_batch (with rethrow_handler_errors, after the
-/// commit; the offsets were then not stored).
-template <class Handler>
-std::vector<Result> consume_batch_with_offsets(IdempotentConsumer<Handler, SqliteStore>& consumer,
-                                               std::span<const Message> batch,
-                                               std::span<const PartitionOffset> offsets,
-                                               bool* offsets_saved = nullptr) {
-  const Options& options = consumer.options();
-  std::vector<ClaimRequest> requests;
-  requests.reserve(batch.size());
-  for (const Message& message : batch) {
-    requests.push_back(ClaimRequest{
-        .key = message.key,
-        .fingerprint = options.verify_payload ? Fingerprint::of(message.payload) : Fingerprint{},
-        .lease = options.lease,
-        .retention = options.retention,
-        .max_key_bytes = options.max_key_bytes,
-        .mark_done = options.mark == Mark::before_processing,
-    });
-  }
-  Handler& handler = consumer.handler();
-  std::vector<Result> results = consumer.store().consume_batch_in_transaction(
-      requests,
-      [&](std::size_t i, SqliteTx& tx) -> std::optional<std::string> {
-        if constexpr (std::is_invocable_v<Handler&, const Message&, SqliteTx&>) {
-          return detail::call_returning_response(handler, batch[i], tx);
-        } else {
-          return detail::call_returning_response(handler, batch[i]);
-        }
-      },
-      offsets, offsets_saved);
-  if (options.rethrow_handler_errors) {
-    for (const Result& result : results) {
-      if (result.error) std::rethrow_exception(result.error);
-    }
-  }
-  return results;
-}
 
 }  // namespace idem

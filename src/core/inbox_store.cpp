@@ -1,0 +1,123 @@
+#include "idem/inbox_store.hpp"
+
+#include <algorithm>
+#include <string>
+
+#include "idem/detail/settle.hpp"
+
+namespace idem {
+namespace {
+
+std::string describe(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "a non-standard exception";
+  }
+}
+
+std::string who(std::size_t index, std::size_t count) {
+  return count == 1 ? std::string("the handler")
+                    : "the handler of message " + std::to_string(index);
+}
+
+}  // namespace
+
+std::vector<Result> InboxStoreBase::run_inbox(std::span<const ClaimRequest> requests,
+                                              InboxHandler handler,
+                                              std::span<const PartitionOffset> offsets,
+                                              bool* offsets_saved) {
+  if (offsets_saved != nullptr) *offsets_saved = false;
+  validate_keys(requests);
+  return translate_errors([&] {
+    bool saved = false;
+    std::vector<Result> results;
+    try {
+      std::unique_ptr<InboxTransaction> tx = begin_inbox(/*may_defer=*/true);
+      results = run_inbox_once(*tx, requests, handler, offsets, saved);
+    } catch (const InboxRetryWithoutDeferral&) {
+      // A deferred statement failed and took the transaction with it; run again with each
+      // statement's answer awaited, so its error reaches the handler that sent it.
+      std::unique_ptr<InboxTransaction> tx = begin_inbox(/*may_defer=*/false);
+      results = run_inbox_once(*tx, requests, handler, offsets, saved);
+    }
+    if (offsets_saved != nullptr) *offsets_saved = saved;
+    return results;
+  });
+}
+
+std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
+                                                   std::span<const ClaimRequest> requests,
+                                                   InboxHandler handler,
+                                                   std::span<const PartitionOffset> offsets,
+                                                   bool& saved) {
+  std::vector<Result> results(requests.size());
+  tx.prepare(requests);
+  for (std::size_t i = 0; i < requests.size(); ++i) {
+    const ClaimRequest& request = requests[i];
+    // The record is written done before the handler runs, so both commit together. A key
+    // repeated in the batch finds the earlier occurrence's record in this transaction.
+    bool fresh = false;
+    Claim claim = tx.claim(request, fresh);
+    if (std::optional<Result> early = detail::settled(claim)) {
+      results[i] = std::move(*early);
+      continue;
+    }
+    tx.begin_message();
+    std::optional<std::string> response;
+    try {
+      response = handler(i, tx);
+    } catch (const InboxRetryWithoutDeferral&) {
+      throw;
+    } catch (const ConfigError&) {
+      throw;  // misuse (a COMMIT of its own, ...): retrying cannot help; nothing commits
+    } catch (...) {
+      Result failed{.outcome = Outcome::failed,
+                    .error = std::current_exception(),
+                    .fencing_token = claim.token};
+      tx.check_alive_after_failure(who(i, requests.size()), describe(failed.error));
+      tx.rollback_message();
+      if (!request.mark_done) tx.undo_claim(request, claim.token, fresh);
+      results[i] = std::move(failed);
+      continue;
+    }
+    tx.check_open(who(i, requests.size()));
+    tx.release_message();
+    if (response) tx.store_response(request.key, *response);
+    results[i] = Result{.outcome = Outcome::processed,
+                        .response = std::move(response),
+                        .fencing_token = claim.token};
+  }
+  // The offsets cover the whole batch: moving them past a message that was not acked (failed,
+  // in_progress, conflict) would lose it after a restart. Then they stay where they were, and
+  // a consumer resuming from them replays the batch (its processed messages as duplicates).
+  saved = std::all_of(results.begin(), results.end(),
+                      [](const Result& r) { return should_ack(r.outcome); });
+  if (saved && !offsets.empty()) tx.save_offsets(offsets);
+  tx.commit();
+  return results;
+}
+
+std::optional<std::int64_t> InboxStoreBase::committed_offset(std::string_view topic,
+                                                             std::int32_t partition) {
+  for (const PartitionOffset& offset : committed_offsets()) {
+    if (offset.topic == topic && offset.partition == partition) return offset.next_offset;
+  }
+  return std::nullopt;
+}
+
+std::vector<PartitionOffset> InboxStoreBase::committed_offsets() {
+  return translate_errors([&] { return do_committed_offsets(); });
+}
+
+void InboxStoreBase::save_offsets(std::span<const PartitionOffset> offsets) {
+  translate_errors([&] {
+    std::unique_ptr<InboxTransaction> tx = begin_inbox(/*may_defer=*/false);
+    tx->save_offsets(offsets);
+    tx->commit();
+  });
+}
+
+}  // namespace idem

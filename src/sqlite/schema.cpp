@@ -1,0 +1,72 @@
+#include "schema.hpp"
+
+#include <array>
+#include <string>
+
+#include "connection.hpp"
+#include "idem/error.hpp"
+
+namespace idem::detail::sqlite {
+namespace {
+
+// The columns of each table, in order, as this build writes them.
+constexpr std::array<const char*, 6> kKeyColumns{"key",        "state",       "token",
+                                                 "expires_at", "fingerprint", "response"};
+constexpr std::array<const char*, 3> kOffsetColumns{"topic", "partition_id", "next_offset"};
+
+std::string columns_of(SqliteConnection& conn, const char* table) {
+  StmtPtr info = conn.prepare_internal(
+      (std::string("SELECT name FROM pragma_table_info('") + table + "') ORDER BY cid").c_str());
+  Step step(conn, info.get(), "reading the table layout");
+  std::string names;
+  while (step.row()) {
+    if (!names.empty()) names += ", ";
+    names += step.column_blob(0);
+  }
+  return names;
+}
+
+template <std::size_t N>
+std::string joined(const std::array<const char*, N>& names) {
+  std::string out;
+  for (const char* name : names) {
+    if (!out.empty()) out += ", ";
+    out += name;
+  }
+  return out;
+}
+
+template <std::size_t N>
+void require_layout(SqliteConnection& conn, const char* table,
+                    const std::array<const char*, N>& expected) {
+  const std::string found = columns_of(conn, table);
+  if (found == joined(expected)) return;
+  throw ConfigError("sqlite store '" + conn.path() + "': the database's " + table +
+                    " table has the columns (" + found + "), not idem's (" + joined(expected) +
+                    "): it was made by an older idem or by another program; point the store at "
+                    "a new file, or move that table aside (its done keys are then forgotten)");
+}
+
+}  // namespace
+
+void open_schema(SqliteConnection& conn) {
+  conn.exec_script("BEGIN IMMEDIATE", "locking the database to create the tables", Phase::open);
+  try {
+    conn.exec_script(kSchemaSql, "creating the tables", Phase::open);
+    conn.exec_script("COMMIT", "committing the tables", Phase::open);
+  } catch (...) {
+    sqlite3_exec(conn.db(), "ROLLBACK", nullptr, nullptr, nullptr);
+    throw;
+  }
+  StmtPtr meta = conn.prepare_internal("SELECT value FROM idem_meta WHERE name = 'schema_version'");
+  Step version(conn, meta.get(), "reading the schema version");
+  if (version.row() && version.column_int64(0) > kSchemaVersion) {
+    throw ConfigError("sqlite store '" + conn.path() + "': the database has idem schema version " +
+                      std::to_string(version.column_int64(0)) + " but this build knows " +
+                      std::to_string(kSchemaVersion) + ": upgrade idem or use another file");
+  }
+  require_layout(conn, "idem_keys", kKeyColumns);
+  require_layout(conn, "idem_offsets", kOffsetColumns);
+}
+
+}  // namespace idem::detail::sqlite
