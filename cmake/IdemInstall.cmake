@@ -17,14 +17,16 @@ set(IDEM_INSTALL_PKGCONFIGDIR ${CMAKE_INSTALL_LIBDIR}/pkgconfig
     CACHE STRING "Where idem.pc is installed, relative to the prefix")
 
 # component -> target and the header globs (relative to include/idem) it owns.
-set(_idem_all_components sqlite redis kafka rabbitmq log)
+set(_idem_all_components sqlite redis postgres kafka rabbitmq log)
 set(_idem_target_sqlite idem_sqlite)
 set(_idem_target_redis idem_redis)
+set(_idem_target_postgres idem_postgres)
 set(_idem_target_kafka idem_kafka)
 set(_idem_target_rabbitmq idem_rabbitmq)
 set(_idem_target_log idem_log)
 set(_idem_headers_sqlite "sqlite*")
 set(_idem_headers_redis "redis*")
+set(_idem_headers_postgres "postgres*")
 set(_idem_headers_kafka "kafka*")
 set(_idem_headers_rabbitmq "rabbitmq*")
 set(_idem_headers_log "stderr_logger.hpp")

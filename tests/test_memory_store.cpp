@@ -3,7 +3,7 @@
 #include <string>
 
 #include "idem/idem.hpp"
-#include "store_conformance.hpp"
+#include "idem/testing/store_conformance.hpp"
 
 namespace {
 

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "idem/redis.hpp"
-#include "store_conformance.hpp"
+#include "idem/testing/store_conformance.hpp"
 #include "support/redis_server.hpp"
 #include "support/sanitized.hpp"
 

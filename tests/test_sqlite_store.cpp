@@ -29,7 +29,8 @@
 #include <vector>
 
 #include "idem/sqlite.hpp"
-#include "store_conformance.hpp"
+#include "idem/testing/inbox_conformance.hpp"
+#include "idem/testing/store_conformance.hpp"
 #include "support/sanitized.hpp"
 #include "support/temp_dir.hpp"
 
@@ -273,11 +274,36 @@ struct SqliteStoreFactory {
   static constexpr std::size_t race_keys = kSanitized ? 1'000 : 5'000;
 };
 
+struct SqliteInboxFactory {
+  using Store = SqliteStore;
+  TempDir dir;
+  idem::ManualClock clock;
+  std::unique_ptr<Store> make() {
+    auto store = std::make_unique<SqliteStore>(
+        dir.file("inbox-conformance.db"),
+        SqliteStoreOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
+    store->transaction([](SqliteTx& tx) { tx.exec("CREATE TABLE effects(key BLOB NOT NULL)"); });
+    return store;
+  }
+  void advance(std::chrono::milliseconds ms) { clock.advance(ms.count()); }
+  static void write_effect(SqliteTx& tx, std::string_view key) {
+    tx.exec("INSERT INTO effects(key) VALUES(?1)", SqliteBlob{key});
+  }
+  std::int64_t effects(Store& store, std::string_view key) {
+    std::int64_t n = 0;
+    store.transaction([&](SqliteTx& tx) {
+      n = tx.query_int64("SELECT count(*) FROM effects WHERE key = ?1", SqliteBlob{key}).value();
+    });
+    return n;
+  }
+};
+
 }  // namespace
 
 namespace idem::testing {
 INSTANTIATE_TYPED_TEST_SUITE_P(Sqlite, StoreConformance, SqliteStoreFactory);
-}
+INSTANTIATE_TYPED_TEST_SUITE_P(Sqlite, InboxConformance, SqliteInboxFactory);
+}  // namespace idem::testing
 
 namespace {
 
@@ -833,6 +859,37 @@ TEST(SqliteBadInput, OptionsAreChecked) {
   TempDir dir;
   EXPECT_THROW(SqliteStore("", {}), idem::ConfigError);
   EXPECT_THROW(SqliteStore(dir.file("x.db"), {.busy_timeout = -1ms}), idem::ConfigError);
+}
+
+TEST(SqliteBadInput, InMemoryDatabaseWorks) {
+  // The store's own error text recommends ":memory:" for a private database: it must open.
+  SqliteStore store(":memory:");
+  IdempotentConsumer consumer(store, [](const Message&, SqliteTx& tx) {
+    tx.exec("CREATE TABLE IF NOT EXISTS seen(key BLOB)");
+  });
+  EXPECT_EQ(consumer.consume({.key = "k", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "k", .payload = "p"}).outcome, Outcome::duplicate);
+}
+
+TEST(SqliteBadInput, ForeignOrOlderTableLayoutIsAConfigError) {
+  TempDir dir;
+  const std::string path = dir.file("old.db");
+  {
+    sqlite3* raw = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &raw), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(raw,
+                           "CREATE TABLE idem_keys(key BLOB PRIMARY KEY, state INTEGER, "
+                           "token INTEGER, expires_at INTEGER)",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(raw);
+  }
+  const std::string message = error_of([&] { SqliteStore store(path); });
+  EXPECT_NE(message.find("idem_keys table has the columns (key, state, token, expires_at)"),
+            std::string::npos)
+      << message;
+  EXPECT_NE(message.find("new file"), std::string::npos) << message;
+  EXPECT_THROW(SqliteStore{path}, idem::ConfigError);
 }
 
 TEST(SqliteBadInput, UnwritablePath) {

@@ -1,5 +1,8 @@
 #pragma once
-// The behaviour every DedupStore must have, as one typed GoogleTest suite.
+/// @file
+/// @brief idem::testing::StoreConformance: the behaviour every DedupStore must have, as one
+/// typed GoogleTest suite. Installed with idem, so a store written outside idem can run it
+/// (see docs/stores/writing-a-store.md). Link GoogleTest.
 //
 // Usage, in tests/test_<backend>_store.cpp:
 //
@@ -215,6 +218,31 @@ TYPED_TEST_P(StoreConformance, BatchAnswersEachRequestInOrder) {
   EXPECT_EQ(this->store().claim(this->request("ok")).status, ClaimStatus::acquired);
 }
 
+// The sequence that once made SQLite hand out a token twice: a late completion of a claim
+// whose record was purged must not let an old token come back.
+TYPED_TEST_P(StoreConformance, TokensKeepRisingAcrossPurgesAndLateCompletions) {
+  constexpr auto kShortRetention = 2000ms;
+  Claim stalled = this->store().claim(this->request("k"));  // worker A, then it stalls
+  ASSERT_EQ(stalled.status, ClaimStatus::acquired);
+  this->advance(this->kLease + 500ms);
+  this->store().purge_expired_records(SIZE_MAX);
+  Claim second = this->store().claim(this->request("k"));  // worker B
+  ASSERT_EQ(second.status, ClaimStatus::acquired);
+  EXPECT_GT(second.token, stalled.token);
+  ASSERT_TRUE(
+      this->store().complete({.key = "k", .token = second.token, .retention = kShortRetention}));
+  this->advance(kShortRetention + 500ms);
+  this->store().purge_expired_records(SIZE_MAX);
+  // A's late completion: a store may record it or refuse it; either way...
+  (void)this->store().complete({.key = "k", .token = stalled.token, .retention = kShortRetention});
+  this->advance(kShortRetention + 500ms);
+  // ...the next claim of the key (its expired record not purged yet) gets a token above every
+  // token handed out before.
+  Claim third = this->store().claim(this->request("k"));
+  ASSERT_EQ(third.status, ClaimStatus::acquired);
+  EXPECT_GT(third.token, second.token);
+}
+
 // --- Through the consumer -------------------------------------------------------------------
 
 TYPED_TEST_P(StoreConformance, ConsumerProcessesOnceAndReplaysTheResponse) {
@@ -423,10 +451,10 @@ REGISTER_TYPED_TEST_SUITE_P(
     ExpiredLeaseIsTakenOverAndTheStaleHolderIsRefused, DoneKeyIsForgottenAfterRetention,
     MarkDoneRecordsAtOnce, ForgetDropsTheRecord, KeysAreBinarySafe,
     BadKeysAreRejectedWithAClearMessage, BatchAnswersEachRequestInOrder,
-    ConsumerProcessesOnceAndReplaysTheResponse, ConsumerReportsInProgressWhileAnotherHolds,
-    HandlerFailureReleasesSoARedeliverySucceeds, RethrowOptionLetsTheHandlerErrorOutAfterReleasing,
-    BeforeProcessingIsAtMostOnce, HandlerSeesTheFencingToken,
-    BatchWithRepeatedKeysProcessesEachKeyOnce, ConsumerRejectsBadInputWithoutRunningTheHandler,
-    EightThreadsRunEachKeysHandlerExactlyOnce);
+    TokensKeepRisingAcrossPurgesAndLateCompletions, ConsumerProcessesOnceAndReplaysTheResponse,
+    ConsumerReportsInProgressWhileAnotherHolds, HandlerFailureReleasesSoARedeliverySucceeds,
+    RethrowOptionLetsTheHandlerErrorOutAfterReleasing, BeforeProcessingIsAtMostOnce,
+    HandlerSeesTheFencingToken, BatchWithRepeatedKeysProcessesEachKeyOnce,
+    ConsumerRejectsBadInputWithoutRunningTheHandler, EightThreadsRunEachKeysHandlerExactlyOnce);
 
 }  // namespace idem::testing
