@@ -211,7 +211,8 @@ int main(int argc, char** argv) {
   CLI::App app{"idemctl: inner message ids and operator access to idem dedup stores.\n"};
   app.footer(
       "Store urls: sqlite:///path/to/db, redis://[[user]:password@]host[:port][/db]"
-      "[?prefix=P&timeout_ms=N]\nBackends in this build: " +
+      "[?prefix=P&timeout_ms=N],\n  postgres://[user[:password]@]host[:port]/dbname"
+      "[?libpq-param=value&schema=S] (or postgresql://)\nBackends in this build: " +
       std::string(built_backends()) +
       "\nExit codes: 0 ok, 1 no such key, 2 usage or bad url, 3 store unreachable or failed, "
       "4 unsupported, 5 not confirmed");
@@ -225,7 +226,8 @@ int main(int argc, char** argv) {
   gen->callback([&] { command = gen_id; });
 
   auto add_url = [&](CLI::App* sub) {
-    sub->add_option("store-url", args.url, "sqlite:///path/db or redis://host:port/db?prefix=P")
+    sub->add_option("store-url", args.url,
+                    "sqlite:///path/db, redis://host:port/db?prefix=P or postgres://host/db")
         ->required();
   };
   auto add_key = [&](CLI::App* sub) {

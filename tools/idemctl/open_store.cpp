@@ -13,6 +13,9 @@
 #ifdef IDEM_HAVE_REDIS
 #include "idem/stores/redis_store.hpp"
 #endif
+#ifdef IDEM_HAVE_POSTGRES
+#include "idem/stores/postgres_store.hpp"
+#endif
 
 namespace idemctl {
 
@@ -56,30 +59,53 @@ std::unique_ptr<idem::DedupStore> open_redis([[maybe_unused]] const RedisUrl& ur
 #endif
 }
 
+std::unique_ptr<idem::DedupStore> open_postgres([[maybe_unused]] const PostgresUrl& url) {
+#ifdef IDEM_HAVE_POSTGRES
+  // The constructor connects (and creates the tables when missing, as any consumer would).
+  return std::make_unique<idem::PostgresStore>(idem::PostgresOptions{
+      .conninfo = url.conninfo, .schema = url.schema, .pool_size = 1, .purge_interval = {}});
+#else
+  throw BackendNotBuilt(
+      "this idemctl was built without the PostgreSQL store (idem::postgres); rebuild with "
+      "-DIDEM_WITH_POSTGRES=ON");
+#endif
+}
+
 }  // namespace
 
 std::unique_ptr<idem::DedupStore> open_store(const StoreUrl& url) {
   return std::visit(
       [](const auto& u) -> std::unique_ptr<idem::DedupStore> {
-        if constexpr (std::is_same_v<std::decay_t<decltype(u)>, SqliteUrl>) {
+        using Url = std::decay_t<decltype(u)>;
+        if constexpr (std::is_same_v<Url, SqliteUrl>) {
           return open_sqlite(u);
-        } else {
+        } else if constexpr (std::is_same_v<Url, RedisUrl>) {
           return open_redis(u);
+        } else {
+          return open_postgres(u);
         }
       },
       url);
 }
 
 std::string_view built_backends() noexcept {
-#if defined(IDEM_HAVE_SQLITE) && defined(IDEM_HAVE_REDIS)
-  return "sqlite, redis";
-#elif defined(IDEM_HAVE_SQLITE)
-  return "sqlite";
-#elif defined(IDEM_HAVE_REDIS)
-  return "redis";
-#else
-  return "none";
+  static const std::string names = [] {
+    std::string out;
+    const auto add = [&](const char* name) {
+      out += out.empty() ? name : std::string(", ") + name;
+    };
+#ifdef IDEM_HAVE_SQLITE
+    add("sqlite");
 #endif
+#ifdef IDEM_HAVE_REDIS
+    add("redis");
+#endif
+#ifdef IDEM_HAVE_POSTGRES
+    add("postgres");
+#endif
+    return out.empty() ? std::string("none") : out;
+  }();
+  return names;
 }
 
 }  // namespace idemctl

@@ -11,6 +11,8 @@ constexpr std::string_view kSqliteForm =
     "sqlite:///path/to/db (absolute) or sqlite://path (relative)";
 constexpr std::string_view kRedisForm =
     "redis://[[user]:password@]host[:port][/db][?prefix=P&timeout_ms=N]";
+constexpr std::string_view kPostgresForm =
+    "postgres://[user[:password]@]host[:port]/dbname[?libpq-param=value&schema=S]";
 
 [[noreturn]] void bad(std::string_view url, std::string_view what, std::string_view form) {
   throw BadUrl("bad store url \"" + redacted(url) + "\": " + std::string(what) + "; expected " +
@@ -144,24 +146,73 @@ RedisUrl parse_redis(std::string_view url, std::string_view rest) {
   return out;
 }
 
+// libpq parses the URI itself (when the store connects); idemctl only takes out its own
+// parameter, so no SQL or identifier is built here.
+PostgresUrl parse_postgres(std::string_view url, std::string_view scheme, std::string_view rest) {
+  PostgresUrl out;
+  const auto query_start = rest.find('?');
+  out.conninfo = std::string(scheme) + "://" + std::string(rest.substr(0, query_start));
+  if (rest.substr(0, query_start).empty()) bad(url, "the host is missing", kPostgresForm);
+  if (query_start == std::string_view::npos) return out;
+  std::string kept;
+  std::string_view query = rest.substr(query_start + 1);
+  while (!query.empty()) {
+    const auto amp = query.find('&');
+    const std::string_view pair = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
+    const auto eq = pair.find('=');
+    if (eq == std::string_view::npos) bad(url, "a parameter has no '='", kPostgresForm);
+    if (pair.substr(0, eq) == "schema") {
+      out.schema = decode(url, pair.substr(eq + 1), kPostgresForm);
+      if (out.schema.empty()) bad(url, "schema is empty", kPostgresForm);
+      continue;
+    }
+    kept += kept.empty() ? "?" : "&";
+    kept += pair;
+  }
+  out.conninfo += kept;
+  return out;
+}
+
 }  // namespace
 
 StoreUrl parse_store_url(std::string_view url) {
   const auto scheme_end = url.find("://");
   if (scheme_end == std::string_view::npos) {
     throw BadUrl("bad store url \"" + redacted(url) + "\": no scheme; expected " +
-                 std::string(kSqliteForm) + ", or " + std::string(kRedisForm));
+                 std::string(kSqliteForm) + ", " + std::string(kRedisForm) + ", or " +
+                 std::string(kPostgresForm));
   }
   const std::string_view scheme = url.substr(0, scheme_end);
   const std::string_view rest = url.substr(scheme_end + 3);
   if (scheme == "sqlite") return parse_sqlite(url, rest);
   if (scheme == "redis") return parse_redis(url, rest);
+  if (scheme == "postgres" || scheme == "postgresql") return parse_postgres(url, scheme, rest);
   if (scheme == "rediss") {
     bad(url, "TLS (rediss://) is not supported by idem's Redis store", kRedisForm);
   }
   throw BadUrl("bad store url \"" + redacted(url) + "\": unknown scheme \"" + std::string(scheme) +
-               "\"; expected " + std::string(kSqliteForm) + ", or " + std::string(kRedisForm));
+               "\"; expected " + std::string(kSqliteForm) + ", " + std::string(kRedisForm) +
+               ", or " + std::string(kPostgresForm));
 }
+
+namespace {
+// Masks the value of every "password=" parameter (libpq accepts one in the query).
+std::string redact_query(std::string text) {
+  constexpr std::string_view kKey = "password=";
+  for (std::size_t at = text.find(kKey); at != std::string::npos; at = text.find(kKey, at)) {
+    if (at != 0 && text[at - 1] != '?' && text[at - 1] != '&') {
+      at += kKey.size();
+      continue;
+    }
+    const std::size_t value = at + kKey.size();
+    const std::size_t end = text.find('&', value);
+    text.replace(value, end == std::string::npos ? std::string::npos : end - value, "***");
+    at = value + 3;
+  }
+  return text;
+}
+}  // namespace
 
 std::string redacted(std::string_view url) {
   const auto scheme_end = url.find("://");
@@ -171,13 +222,13 @@ std::string redacted(std::string_view url) {
   const std::string_view authority =
       url.substr(start, end == std::string_view::npos ? end : end - start);
   const auto at = authority.rfind('@');
-  if (at == std::string_view::npos) return std::string(url);
+  if (at == std::string_view::npos) return redact_query(std::string(url));
   const auto colon = authority.substr(0, at).find(':');
   const std::size_t secret = colon == std::string_view::npos ? 0 : colon + 1;
   std::string out(url.substr(0, start + secret));
   out += "***";
   out += url.substr(start + at);
-  return out;
+  return redact_query(std::move(out));
 }
 
 }  // namespace idemctl

@@ -1,5 +1,6 @@
 #pragma once
-// idemctl's store URLs: sqlite:///path/to/db and redis://[[user]:password@]host[:port][/db][?...].
+// idemctl's store URLs: sqlite:///path/to/db, redis://[[user]:password@]host[:port][/db][?...]
+// and postgres://[user[:password]@]host[:port]/dbname[?param=value&schema=S].
 
 #include <chrono>
 #include <stdexcept>
@@ -32,14 +33,23 @@ struct RedisUrl {
   std::chrono::milliseconds timeout{2000};
 };
 
-using StoreUrl = std::variant<SqliteUrl, RedisUrl>;
+/// @brief postgres:// or postgresql://, libpq's URI form; `schema` (idem's tables) is taken
+/// out, every other parameter goes to libpq, which checks it when the store connects.
+struct PostgresUrl {
+  /// The URI without idem's own parameters, as PostgresOptions::conninfo.
+  std::string conninfo;
+  std::string schema = "idem";
+};
+
+using StoreUrl = std::variant<SqliteUrl, RedisUrl, PostgresUrl>;
 
 /// @brief Parses a store URL. Percent-escapes (%40 ...) are decoded in the path, user,
 /// password and query values.
 /// @throws BadUrl naming what is wrong.
 StoreUrl parse_store_url(std::string_view url);
 
-/// @brief The URL for messages, with any password replaced by "***".
+/// @brief The URL for messages, with any password (user:password@ or password=) replaced by
+/// "***".
 std::string redacted(std::string_view url);
 
 }  // namespace idemctl
