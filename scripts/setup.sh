@@ -18,6 +18,12 @@ if [ "$(id -u)" -ne 0 ]; then
   sudo="sudo"
 fi
 export DEBIAN_FRONTEND=noninteractive
+# postgresql-common creates and starts a system-wide "main" cluster on install unless this
+# says otherwise (read by its postinst; written only before its first install).
+if ! dpkg-query -W -f='${Status}' postgresql-common 2>/dev/null | grep -q "ok installed"; then
+  $sudo mkdir -p /etc/postgresql-common
+  echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.conf >/dev/null
+fi
 $sudo apt-get update -qq
 # Keep package maintainer scripts from starting system-wide servers; tests start their own.
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

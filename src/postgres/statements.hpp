@@ -1,0 +1,64 @@
+#pragma once
+// The SQL of idem's own statements, built once per store around its (validated, quoted) schema
+// name. Keys and every other value are parameters: nothing else is ever spliced into SQL.
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace idem::detail::pg {
+
+/// idem's statements, prepared on every connection under the names "idem_<n>".
+enum class Sql : std::size_t {
+  claim,         // set-based claim; see schema.cpp
+  complete,      // set-based completion
+  release,       // $1 key, $2 token
+  forget,        // $1 key
+  undo,          // $1 key, $2 token: drops a failed inbox message's record
+  response,      // $1 key, $2 response (the inbox's own record)
+  inspect,       // $1 key
+  stats,         //
+  save_offsets,  // $1 text[], $2 int4[], $3 int8[]
+  offsets,       //
+  purge_step,    // $1 limit
+  purge_gated,   // $1 limit: one step if no other session holds the purge lock
+  purge_lock,    // pg_try_advisory_lock
+  purge_unlock,  // pg_advisory_unlock
+  count_
+};
+
+inline constexpr std::size_t kSqlCount = static_cast<std::size_t>(Sql::count_);
+
+/// The schema version this build writes into idem_meta and accepts.
+inline constexpr std::int64_t kSchemaVersion = 1;
+
+/// The columns idem_keys must have, as format_type() spells them.
+inline constexpr std::string_view kKeysLayout =
+    "key bytea, state smallint, token bigint, expires_at timestamp with time zone, "
+    "fingerprint bigint, response bytea";
+
+class Statements {
+ public:
+  /// schema must already be validated (letters, digits, _).
+  explicit Statements(const std::string& schema);
+
+  static const char* name(Sql which) noexcept;
+  std::string_view text(Sql which) const noexcept { return sql_[static_cast<std::size_t>(which)]; }
+  /// "\"schema\"" and "\"schema\".idem_keys"-style names.
+  const std::string& schema() const noexcept { return quoted_; }
+  std::string table(std::string_view name) const { return quoted_ + "." + std::string(name); }
+  /// The schema name unquoted (bound as a parameter, e.g. to hashtext()).
+  const std::string& schema_name() const noexcept { return schema_; }
+
+  /// Creates what is missing (run inside the creation lock).
+  std::string create_script() const;
+
+ private:
+  std::string schema_;
+  std::string quoted_;
+  std::array<std::string, kSqlCount> sql_;
+};
+
+}  // namespace idem::detail::pg
