@@ -1,7 +1,9 @@
 #include "idem/inbox_store.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <string>
+#include <string_view>
 
 #include "idem/detail/settle.hpp"
 
@@ -18,10 +20,27 @@ std::string describe(const std::exception_ptr& error) {
   }
 }
 
-std::string who(std::size_t index, std::size_t count) {
-  return count == 1 ? std::string("the handler")
-                    : "the handler of message " + std::to_string(index);
-}
+// "the handler" or "the handler of message N", for the hooks' error messages; built in a
+// fixed buffer because check_open() takes it for every message of a batch.
+class HandlerName {
+ public:
+  HandlerName(std::size_t index, std::size_t count) {
+    constexpr std::string_view kOne = "the handler";
+    constexpr std::string_view kOf = "the handler of message ";
+    if (count == 1) {
+      size_ = kOne.copy(buffer_, kOne.size());
+      return;
+    }
+    size_ = kOf.copy(buffer_, kOf.size());
+    size_ = static_cast<std::size_t>(
+        std::to_chars(buffer_ + size_, buffer_ + sizeof buffer_, index).ptr - buffer_);
+  }
+  operator std::string_view() const noexcept { return {buffer_, size_}; }
+
+ private:
+  char buffer_[48];
+  std::size_t size_ = 0;
+};
 
 }  // namespace
 
@@ -77,13 +96,13 @@ std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
       Result failed{.outcome = Outcome::failed,
                     .error = std::current_exception(),
                     .fencing_token = claim.token};
-      tx.check_alive_after_failure(who(i, requests.size()), describe(failed.error));
+      tx.check_alive_after_failure(HandlerName(i, requests.size()), describe(failed.error));
       tx.rollback_message();
       if (!request.mark_done) tx.undo_claim(request, claim.token, fresh);
       results[i] = std::move(failed);
       continue;
     }
-    tx.check_open(who(i, requests.size()));
+    tx.check_open(HandlerName(i, requests.size()));
     tx.release_message();
     if (response) tx.store_response(request.key, *response);
     results[i] = Result{.outcome = Outcome::processed,

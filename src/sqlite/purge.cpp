@@ -1,8 +1,8 @@
 // Purging expired records: a bounded sweep along the primary key (no index on expiry).
 
 #include <algorithm>
-#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "store_impl.hpp"
@@ -11,29 +11,27 @@ namespace idem {
 
 // Examines the next `limit` records in key order from where the previous step stopped
 // (wrapping at the end) and deletes the expired ones, at most max_delete: done past
-// retention, released, or in progress past the lease. Both scans run inside SQLite; only
-// the deleted rows come back.
+// retention, released, or in progress past the lease. One scan; only the expired keys are
+// copied out, and deleted once the scan is done.
 std::size_t SqliteStore::Impl::purge_step(std::int64_t now, std::size_t limit,
                                           std::size_t max_delete) {
-  const auto as_int = [](std::size_t n) {
-    return static_cast<std::int64_t>(std::min<std::size_t>(n, INT64_MAX));
-  };
-  std::optional<std::string> end;  // first key after the slice; none: the slice ends the table
-  {
-    Step step(conn, sweep_end.get(), "purging expired records");
-    step.blob(1, sweep_cursor).i64(2, as_int(limit));
-    if (step.row()) end = std::string(step.column_blob(0));
-  }
+  if (limit == 0 || max_delete == 0) return 0;
   std::vector<std::string> expired;  // in key order
   std::int64_t max_token = 0;
+  std::string last;  // the last key examined
+  std::size_t examined = 0;
   {
-    Step step(conn, end ? sweep_expired_range.get() : sweep_expired_tail.get(),
-              "purging expired records");
-    step.blob(1, sweep_cursor).i64(2, now).i64(3, as_int(max_delete));
-    if (end) step.blob(4, *end);
-    while (step.row()) {
-      expired.emplace_back(step.column_blob(0));
-      max_token = std::max(max_token, step.column_int64(1));
+    Step step(conn, sweep.get(), "purging expired records");
+    step.blob(1, sweep_cursor)
+        .i64(2, static_cast<std::int64_t>(std::min<std::size_t>(limit, INT64_MAX)));
+    while (expired.size() < max_delete && step.row()) {
+      ++examined;
+      const std::string_view key = step.column_blob(0);
+      if (step.column_int64(1) == detail::sqlite::kReleased || step.column_int64(2) <= now) {
+        expired.emplace_back(key);
+        max_token = std::max(max_token, step.column_int64(3));
+      }
+      last.assign(key);
     }
   }
   for (const std::string& key : expired) {
@@ -43,8 +41,9 @@ std::size_t SqliteStore::Impl::purge_step(std::int64_t now, std::size_t limit,
   if (deleted > 0) raise_floor(max_token);
   if (deleted > 0 && deleted == max_delete) {
     sweep_cursor = std::move(expired.back());  // stopped early: resume right there
-  } else if (end) {
-    sweep_cursor = std::move(*end);
+  } else if (examined == limit) {
+    sweep_cursor = std::move(last);
+    sweep_cursor.push_back('\0');  // the smallest key after the last one examined
   } else {
     sweep_cursor.clear();  // reached the end: the next step starts over
   }

@@ -72,16 +72,11 @@ SqliteStore::Impl::Impl(std::string path, const SqliteStoreOptions& opts)
       "WHERE key = ?1 AND token = ?2 AND state = 0");
   forget =
       conn.prepare_internal("DELETE FROM idem_keys WHERE key = ?1 AND state <> 2 RETURNING token");
-  sweep_end = conn.prepare_internal(
-      "SELECT key FROM idem_keys WHERE key >= ?1 ORDER BY key LIMIT 1 OFFSET ?2");
-  // Plain range scans: an IN (subquery) or RETURNING would build ephemeral tables whose
-  // page-cache allocations churn the heap (measured: brk on every purge step).
-  sweep_expired_range = conn.prepare_internal(
-      "SELECT key, token FROM idem_keys WHERE key >= ?1 AND key < ?4 AND "
-      "(expires_at <= ?2 OR state = 2) ORDER BY key LIMIT ?3");
-  sweep_expired_tail = conn.prepare_internal(
-      "SELECT key, token FROM idem_keys WHERE key >= ?1 AND (expires_at <= ?2 OR state = 2) "
-      "ORDER BY key LIMIT ?3");
+  // One pass over a slice in key order; expiry is judged in C++ so each row is visited once
+  // (a second statement to find the slice's end doubled the sweep's cost).
+  sweep = conn.prepare_internal(
+      "SELECT key, state, expires_at, token FROM idem_keys WHERE key >= ?1 ORDER BY key "
+      "LIMIT ?2");
   erase = conn.prepare_internal("DELETE FROM idem_keys WHERE key = ?1");
   abandon = conn.prepare_internal(
       "UPDATE idem_keys SET state = 2, token = ?3, expires_at = ?2, response = NULL "

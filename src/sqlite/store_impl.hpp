@@ -204,7 +204,7 @@ struct SqliteStore::Impl {
   StmtPtr begin, commit, rollback, savepoint, release_savepoint, rollback_to_savepoint;
   StmtPtr meta_get, floor_raise, insert, select, retake, set_response, complete, complete_absent,
       release;
-  StmtPtr forget, sweep_end, sweep_expired_range, sweep_expired_tail, erase, abandon;
+  StmtPtr forget, sweep, erase, abandon;
   StmtPtr offset_get, offsets_all, count, file_bytes;
 
   std::size_t writes = 0;             // write transactions, for purge_interval
