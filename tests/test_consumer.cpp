@@ -5,6 +5,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "idem/idem.hpp"
@@ -24,6 +25,7 @@ class FaultyStore final : public idem::DedupStore {
   bool refuse_complete = false;
   bool throw_foreign = false;
   int claims = 0, completes = 0, releases = 0, batch_claims = 0;
+  std::atomic<int> awaits{0};
 
   std::string_view name() const noexcept override { return "faulty"; }
 
@@ -45,6 +47,10 @@ class FaultyStore final : public idem::DedupStore {
     return inner.release(key, token);
   }
   bool do_forget(std::string_view key) override { return inner.forget(key); }
+  void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override {
+    ++awaits;
+    inner.await_change(key, max_wait);
+  }
   std::vector<idem::Claim> do_claim_batch(std::span<const idem::ClaimRequest> r) override {
     ++batch_claims;
     return DedupStore::do_claim_batch(r);
@@ -346,3 +352,165 @@ TEST(ConsumerBatch, AStoreAnsweringTheWrongNumberOfClaimsIsUnavailable) {
 }
 
 }  // namespace
+
+// --- Options::in_progress_wait -----------------------------------------------------------
+
+namespace {
+
+// Lets a test hold a handler until it says go.
+struct Gate {
+  std::atomic<bool> entered{false};
+  std::atomic<bool> open{false};
+  void wait_open() {
+    entered = true;
+    while (!open) std::this_thread::sleep_for(1ms);
+  }
+  void wait_entered() const {
+    while (!entered) std::this_thread::sleep_for(1ms);
+  }
+};
+
+}  // namespace
+
+TEST(ConsumerWait, ADuplicateWaitsForTheHolderAndGetsItsResponse) {
+  idem::MemoryStore store;
+  Gate gate;
+  std::atomic<int> runs{0};
+  CountingMetrics metrics;
+  idem::IdempotentConsumer consumer(
+      store,
+      [&](const Message&) {
+        ++runs;
+        gate.wait_open();
+        return std::string("card-1");
+      },
+      idem::Options{.in_progress_wait = 60s, .metrics = &metrics});
+  std::thread first([&] {
+    EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "p"}).outcome, Outcome::processed);
+  });
+  gate.wait_entered();
+  std::thread second([&] {
+    idem::Result r = consumer.consume({.key = "pay-1", .payload = "p"});
+    EXPECT_EQ(r.outcome, Outcome::duplicate);
+    EXPECT_EQ(r.response, "card-1");
+  });
+  std::this_thread::sleep_for(50ms);  // let the second find the key held and wait
+  gate.open = true;
+  first.join();
+  second.join();
+  EXPECT_EQ(runs, 1);
+  EXPECT_EQ(metrics[idem::Counter::in_progress], 0u);  // the wait ended in a duplicate
+  EXPECT_EQ(metrics[idem::Counter::duplicate], 1u);
+}
+
+TEST(ConsumerWait, AHolderThatDiedIsTakenOverWhenItsLeaseEnds) {
+  idem::MemoryStore store;
+  // A worker claimed the key and crashed: nobody completes or releases it.
+  ASSERT_EQ(store.claim({.key = "pay-2", .lease = 200ms}).status, idem::ClaimStatus::acquired);
+  int runs = 0;
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 60s});
+  idem::Result r = consumer.consume({.key = "pay-2", .payload = "p"});
+  EXPECT_EQ(r.outcome, Outcome::processed);
+  EXPECT_EQ(runs, 1);
+}
+
+TEST(ConsumerWait, TheWaitRunsOutCleanlyAndCountsOneInProgress) {
+  FaultyStore store;
+  ASSERT_EQ(store.claim({.key = "pay-3", .lease = 600s}).status, idem::ClaimStatus::acquired);
+  CountingMetrics metrics;
+  int runs = 0;
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; },
+      idem::Options{.in_progress_wait = 100ms, .metrics = &metrics});
+  EXPECT_EQ(consumer.consume({.key = "pay-3", .payload = "p"}).outcome, Outcome::in_progress);
+  EXPECT_EQ(runs, 0);
+  EXPECT_GT(store.awaits, 0);
+  EXPECT_EQ(metrics[idem::Counter::in_progress], 1u);
+}
+
+TEST(ConsumerWait, ABatchNeverWaitsOnAKeyItHoldsItself) {
+  FaultyStore store;
+  int runs = 0;
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 600s});
+  std::vector<Message> batch{
+      {.key = "k", .payload = "p"}, {.key = "other", .payload = "p"}, {.key = "k", .payload = "p"}};
+  std::vector<idem::Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  EXPECT_EQ(results[1].outcome, Outcome::processed);
+  EXPECT_EQ(results[2].outcome, Outcome::duplicate);
+  EXPECT_EQ(runs, 2);
+  EXPECT_EQ(store.awaits, 0);
+}
+
+TEST(ConsumerWait, ABatchWaitsForOtherHoldersOnlyAfterCompletingItsOwnKeys) {
+  idem::MemoryStore store;
+  idem::Claim held = store.claim({.key = "held", .lease = 600s});
+  ASSERT_EQ(held.status, idem::ClaimStatus::acquired);
+  int runs = 0;
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 60s});
+  std::thread holder([&] {
+    // The batch's own key is recorded before the batch waits on "held".
+    for (;;) {
+      std::optional<idem::RecordInfo> mine = store.inspect("mine");
+      if (mine && mine->state == idem::RecordInfo::State::done) break;
+      std::this_thread::sleep_for(1ms);
+    }
+    store.complete({.key = "held", .token = held.token, .response = "r"});
+  });
+  std::vector<Message> batch{{.key = "held", .payload = "p"}, {.key = "mine", .payload = "p"}};
+  std::vector<idem::Result> results = consumer.consume_batch(batch);
+  holder.join();
+  EXPECT_EQ(results[0].outcome, Outcome::duplicate);
+  EXPECT_EQ(results[0].response, "r");
+  EXPECT_EQ(results[1].outcome, Outcome::processed);
+  EXPECT_EQ(runs, 1);
+}
+
+// --- Options::fingerprint_of -------------------------------------------------------------
+
+namespace {
+
+// The business fields of "amount=10;sent_at=..." payloads: everything before ";sent_at=".
+idem::Fingerprint business_fields(const Message& message) {
+  const std::size_t end = message.payload.find(";sent_at=");
+  return idem::Fingerprint::of(message.payload.substr(0, end));
+}
+
+}  // namespace
+
+TEST(ConsumerFingerprint, ATimestampOnlyResendIsADuplicateAndAChangedAmountAConflict) {
+  idem::MemoryStore store;
+  int runs = 0;
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.fingerprint_of = business_fields});
+  EXPECT_EQ(consumer.consume({.key = "pay-4", .payload = "amount=10;sent_at=1"}).outcome,
+            Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "pay-4", .payload = "amount=10;sent_at=2"}).outcome,
+            Outcome::duplicate);
+  EXPECT_EQ(consumer.consume({.key = "pay-4", .payload = "amount=99;sent_at=3"}).outcome,
+            Outcome::conflict);
+  EXPECT_EQ(runs, 1);
+  // The whole payload, by default: the resend is a conflict.
+  idem::MemoryStore other;
+  idem::IdempotentConsumer whole(other, [](const Message&) {});
+  whole.consume({.key = "pay-4", .payload = "amount=10;sent_at=1"});
+  EXPECT_EQ(whole.consume({.key = "pay-4", .payload = "amount=10;sent_at=2"}).outcome,
+            Outcome::conflict);
+}
+
+TEST(ConsumerFingerprint, IsIgnoredWhenVerificationIsOff) {
+  idem::MemoryStore store;
+  static int calls = 0;
+  idem::IdempotentConsumer consumer(
+      store, [](const Message&) {},
+      idem::Options{.verify_payload = false, .fingerprint_of = [](const Message& m) {
+                      ++calls;
+                      return idem::Fingerprint::of(m.payload);
+                    }});
+  consumer.consume({.key = "pay-5", .payload = "a"});
+  EXPECT_EQ(consumer.consume({.key = "pay-5", .payload = "b"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(calls, 0);
+}

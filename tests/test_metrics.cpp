@@ -121,6 +121,18 @@ TEST(PrometheusMetrics, BatchOutcomesAreCountedOnce) {
   EXPECT_EQ(metrics.value(idem::Counter::duplicate), 1u);
 }
 
+TEST(PrometheusMetrics, CacheLookupsAreCountedByResult) {
+  idem::MemoryStore inner;
+  idem::PrometheusMetrics metrics;
+  idem::CachedStore store(inner, {.metrics = &metrics});
+  idem::IdempotentConsumer consumer(store, [](const idem::Message&) {}, {.metrics = &metrics});
+  for (int i = 0; i < 4; ++i) consumer.consume({.key = "x", .payload = "1"});
+  const auto samples = parse(metrics.render());
+  EXPECT_EQ(at(samples, R"(idem_cache_lookups_total{result="hit"})"), 3);
+  EXPECT_EQ(at(samples, R"(idem_cache_lookups_total{result="miss"})"), 1);
+  EXPECT_EQ(at(samples, R"(idem_messages_total{outcome="duplicate"})"), 3);
+}
+
 TEST(PrometheusMetrics, StoreErrorsAreCounted) {
   struct BrokenStore final : idem::DedupStore {
     std::string_view name() const noexcept override { return "broken"; }

@@ -525,6 +525,41 @@ TEST_F(PostgresInbox, SecondWorkerOnAKeyHeldByAnOpenTransactionGetsInProgress) {
   EXPECT_EQ(cards(), 3);
 }
 
+TEST_F(PostgresInbox, WithAWaitASecondWorkerGetsTheFirstOnesResponseOnceItCommits) {
+  Gate started, release;
+  std::thread first([&] {
+    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+      started.open();
+      release.wait();
+      return std::string("card-9");
+    });
+    EXPECT_EQ(consumer.consume({.key = "held", .payload = "p"}).outcome, Outcome::processed);
+  });
+  started.wait();
+  int runs = 0;
+  IdempotentConsumer second(
+      store_,
+      [&](const Message& m, PostgresTx& tx) {
+        ++runs;
+        tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+                PostgresBytes{m.key});
+      },
+      idem::Options{.in_progress_wait = 60s});
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(500ms);  // past lock_wait: the second has asked at least twice
+    release.open();
+  });
+  Result r = second.consume({.key = "held", .payload = "p"});
+  EXPECT_EQ(r.outcome, Outcome::duplicate);
+  EXPECT_EQ(r.response, "card-9");
+  releaser.join();
+  first.join();
+  EXPECT_EQ(runs, 0);
+  EXPECT_EQ(cards(), 1);
+}
+
 TEST_F(PostgresInbox, AFailedPipelinedStatementRerunsTheBatchWithEachStatementAwaited) {
   store_.transaction([&](PostgresTx& tx) {
     tx.exec("CREATE UNIQUE INDEX ON " + cards_ + "(msg)");

@@ -1059,6 +1059,40 @@ TEST(SqliteProcesses, SigkilledConsumersLoseAndDuplicateNothing) {
       runs, kills, mid_run_kills, static_cast<long long>(n), static_cast<long long>(done));
 }
 
+TEST(SqliteProcesses, AWaitingDuplicateGetsTheResponseOfAnotherProcessesHandler) {
+  TempDir dir;
+  const std::string path = dir.file("wait.db");
+  { SqliteStore create(path); }
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t pid = ::fork();
+  if (pid == 0) {  // the first worker: claims, says so, handles slowly, completes
+    ::close(fds[0]);
+    SqliteStore store(path);
+    IdempotentConsumer consumer(store, [&](const Message&) {
+      (void)!::write(fds[1], "x", 1);
+      std::this_thread::sleep_for(300ms);
+      return std::string("card-from-child");
+    });
+    const bool ok =
+        consumer.consume({.key = "pay-1", .payload = "p"}).outcome == Outcome::processed;
+    ::_exit(ok ? 0 : 1);
+  }
+  ::close(fds[1]);
+  char started = 0;
+  ASSERT_EQ(::read(fds[0], &started, 1), 1);
+  ::close(fds[0]);
+  SqliteStore store(path);
+  int runs = 0;
+  IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 60s});
+  Result r = consumer.consume({.key = "pay-1", .payload = "p"});
+  EXPECT_EQ(r.outcome, Outcome::duplicate);
+  EXPECT_EQ(r.response, "card-from-child");
+  EXPECT_EQ(runs, 0);
+  EXPECT_EQ(wait_exit_code(pid), 0);
+}
+
 TEST(SqliteProcesses, TwoProcessesOfFourThreadsRunEachHandlerOnce) {
   const std::size_t keys = 2'000;
   TempDir dir;

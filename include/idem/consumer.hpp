@@ -78,17 +78,11 @@ class IdempotentConsumer {
   /// @throws idem::InvalidMessage for an empty or oversized key (dead-letter the message).
   /// @throws idem::StoreUnavailable when the store fails (do not ack; retry later).
   Result consume(const Message& message) {
-    ClaimRequest request = request_for(message);
-    if constexpr (detail::runs_in_transaction<Handler, Store>()) {
-      std::vector<Result> results =
-          consume_in_inbox(std::span<const Message>(&message, 1),
-                           std::span<const ClaimRequest>(&request, 1), {}, nullptr);
-      return std::move(results.front());
-    } else {
-      Result result = run_claimed(message, claim(request));
-      rethrow_if_asked(result);
-      return result;
-    }
+    const ClaimRequest request = request_for(message);
+    Result result = attempt(message, request);
+    if (result.outcome == Outcome::in_progress) result = wait_for_holder(message, request);
+    rethrow_if_asked(result);
+    return result;
   }
 
   /// @brief consume() for a batch, results in order. A key repeated within the batch is
@@ -99,11 +93,15 @@ class IdempotentConsumer {
     std::vector<ClaimRequest> requests;
     requests.reserve(batch.size());
     for (const Message& message : batch) requests.push_back(request_for(message));
+    std::vector<Result> results;
     if constexpr (detail::runs_in_transaction<Handler, Store>()) {
-      return consume_in_inbox(batch, requests, {}, nullptr);
+      results = consume_in_inbox(batch, requests, {}, nullptr);
     } else {
-      return consume_batch_with_claims(batch, requests);
+      results = consume_batch_with_claims(batch, requests);
     }
+    wait_for_holders(batch, requests, results);
+    for (const Result& result : results) rethrow_if_asked(result);
+    return results;
   }
 
   /// @brief consume_batch() in one transaction of a transactional store, storing offsets in
@@ -124,7 +122,10 @@ class IdempotentConsumer {
     std::vector<ClaimRequest> requests;
     requests.reserve(batch.size());
     for (const Message& message : batch) requests.push_back(request_for(message));
-    return consume_in_inbox(batch, requests, offsets, offsets_saved);
+    std::vector<Result> results = consume_in_inbox(batch, requests, offsets, offsets_saved);
+    wait_for_holders(batch, requests, results);
+    for (const Result& result : results) rethrow_if_asked(result);
+    return results;
   }
 
   const Options& options() const noexcept { return options_; }
@@ -146,7 +147,9 @@ class IdempotentConsumer {
   ClaimRequest request_for(const Message& message) const {
     return ClaimRequest{
         .key = message.key,
-        .fingerprint = options_.verify_payload ? Fingerprint::of(message.payload) : Fingerprint{},
+        .fingerprint = !options_.verify_payload             ? Fingerprint{}
+                       : options_.fingerprint_of != nullptr ? options_.fingerprint_of(message)
+                                                            : Fingerprint::of(message.payload),
         .lease = options_.lease,
         .retention = options_.retention,
         .max_key_bytes = options_.max_key_bytes,
@@ -205,9 +208,54 @@ class IdempotentConsumer {
       }
       count(results[i]);
     }
-    for (const Result& result : results) rethrow_if_asked(result);
     return results;
   }
+
+  // One attempt at a message: through the inbox transaction or a claim.
+  Result attempt(const Message& message, const ClaimRequest& request) {
+    if constexpr (detail::runs_in_transaction<Handler, Store>()) {
+      std::vector<Result> results =
+          consume_in_inbox(std::span<const Message>(&message, 1),
+                           std::span<const ClaimRequest>(&request, 1), {}, nullptr);
+      return std::move(results.front());
+    } else {
+      return run_claimed(message, claim(request));
+    }
+  }
+
+  // Options::in_progress_wait: asks again, with growing pauses in which the store may wake
+  // us when the key changes, until the holder is done or the wait runs out. Holds nothing
+  // while pausing. An in_progress answer is counted once, when the wait gives up.
+  Result wait_for_holder(const Message& message, const ClaimRequest& request) {
+    using SteadyClock = std::chrono::steady_clock;
+    if (options_.in_progress_wait.count() <= 0) return Result{.outcome = Outcome::in_progress};
+    const SteadyClock::time_point deadline = SteadyClock::now() + options_.in_progress_wait;
+    std::chrono::milliseconds pause{1};
+    for (;;) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - SteadyClock::now());
+      if (left.count() <= 0) break;
+      guard_store([&] { store_.await_change(request.key, std::min(pause, left)); });
+      pause = std::min(pause * 2, kLongestPause);
+      Result result = attempt(message, request);
+      if (result.outcome != Outcome::in_progress) return result;
+    }
+    if (options_.metrics) options_.metrics->add(Counter::in_progress);
+    return Result{.outcome = Outcome::in_progress};
+  }
+
+  // wait_for_holder() for each in_progress result of a batch, once the batch holds nothing
+  // (its transaction committed, its claims completed): a key held by the batch itself is
+  // never waited on.
+  void wait_for_holders(std::span<const Message> batch, std::span<const ClaimRequest> requests,
+                        std::vector<Result>& results) {
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      if (results[i].outcome == Outcome::in_progress) {
+        results[i] = wait_for_holder(batch[i], requests[i]);
+      }
+    }
+  }
+
+  static constexpr std::chrono::milliseconds kLongestPause{100};
 
   Completion completion_for(const Message& message, const Result& result) const {
     Completion completion{
@@ -304,7 +352,6 @@ class IdempotentConsumer {
         results[i] = run_claimed(batch[i], claim(requests[i]));
       }
     }
-    for (const Result& result : results) rethrow_if_asked(result);
     return results;
   }
 
@@ -338,6 +385,8 @@ class IdempotentConsumer {
                 "the first Counter values mirror Outcome");
   void count(const Result& result) const {
     if (options_.metrics == nullptr) return;
+    // With a wait, in_progress is not final yet: wait_for_holder() counts it if it stays.
+    if (result.outcome == Outcome::in_progress && options_.in_progress_wait.count() > 0) return;
     options_.metrics->add(static_cast<Counter>(static_cast<int>(result.outcome)));
   }
 

@@ -119,6 +119,13 @@ class DedupStore {
     return translate_errors([&] { return do_purge_expired(max_records); });
   }
 
+  /// @brief Blocks for up to max_wait, or less when the record of key may have changed (a
+  /// backend that can be notified returns at the change; the others just pause). The
+  /// consumer's Options::in_progress_wait asks again after each call.
+  void await_change(std::string_view key, std::chrono::milliseconds max_wait) {
+    translate_errors([&] { do_await_change(key, max_wait); });
+  }
+
   /// @brief Short backend name used in error messages, e.g. "redis".
   virtual std::string_view name() const noexcept = 0;
 
@@ -133,6 +140,8 @@ class DedupStore {
   virtual std::optional<RecordInfo> do_inspect(std::string_view key);
   virtual StoreStats do_stats_summary();
   virtual std::size_t do_purge_expired(std::size_t max_records);
+  // Default: sleeps max_wait.
+  virtual void do_await_change(std::string_view key, std::chrono::milliseconds max_wait);
 
  protected:
   /// @brief Runs f; lets idem::Error through and turns any other exception into

@@ -15,4 +15,5 @@
 #include "idem/options.hpp"
 #include "idem/outcome.hpp"
 #include "idem/result.hpp"
+#include "idem/stores/cached_store.hpp"
 #include "idem/stores/memory_store.hpp"

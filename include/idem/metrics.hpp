@@ -19,8 +19,10 @@ enum class Counter {
   store_errors,     ///< the store threw StoreUnavailable
   lease_takeovers,  ///< a claim taken over from a holder whose lease expired
   lease_lost,       ///< complete() refused: our lease expired and another worker took over
+  cache_hits,       ///< a CachedStore answered a claim without calling its store
+  cache_misses,     ///< a CachedStore passed a claim on to its store
 };
-inline constexpr int kCounterCount = 8;
+inline constexpr int kCounterCount = 10;
 
 /// @brief What the consumer times.
 enum class Timing {

@@ -1,6 +1,7 @@
 #include "idem/dedup_store.hpp"
 
 #include <string>
+#include <thread>
 
 namespace idem {
 
@@ -89,6 +90,10 @@ StoreStats DedupStore::do_stats_summary() {
 }
 std::size_t DedupStore::do_purge_expired(std::size_t) {
   throw_unsupported("purge-expired");
+}
+
+void DedupStore::do_await_change(std::string_view, std::chrono::milliseconds max_wait) {
+  std::this_thread::sleep_for(max_wait);
 }
 
 void DedupStore::throw_unsupported(std::string_view operation) const {

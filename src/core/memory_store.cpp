@@ -7,6 +7,7 @@
 #include <array>
 #include <atomic>
 #include <bit>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -145,6 +146,13 @@ constexpr int kHousekeepingPerInsert = 2;
 
 struct alignas(64) Shard {
   std::mutex mutex;
+  // Wakes the threads waiting for a held key of this shard (Options::in_progress_wait) when
+  // a record settles; notified only while someone waits.
+  std::condition_variable settled;
+  int waiters = 0;
+  void notify_waiters() {
+    if (waiters > 0) settled.notify_all();
+  }
   Slab slab;
   absl::flat_hash_set<Entry*, EntryHash, EntryEq> entries;
   absl::flat_hash_map<const Entry*, std::string> responses;
@@ -357,6 +365,7 @@ bool MemoryStore::do_complete(const Completion& completion) {
     s.refresh_head(e);
   }
   s.set_response(e, completion.response);
+  s.notify_waiters();
   return true;
 }
 
@@ -370,6 +379,7 @@ bool MemoryStore::do_release(std::string_view key_bytes, std::uint64_t token) {
   // shard's counter, so a later owner's token is larger either way.
   e->state = State::released;
   s.refresh_head(e);
+  s.notify_waiters();
   return true;
 }
 
@@ -383,7 +393,23 @@ bool MemoryStore::do_forget(std::string_view key_bytes) {
   e->running = false;
   s.drop_response(e);
   s.refresh_head(e);
+  s.notify_waiters();
   return true;
+}
+
+void MemoryStore::do_await_change(std::string_view key_bytes, std::chrono::milliseconds max_wait) {
+  const HashedKey key = impl_->hashed(key_bytes);
+  Shard& s = impl_->shard_of(key);
+  std::unique_lock lock(s.mutex);
+  // Checked under the shard's lock, so a change made since the caller's claim is not missed.
+  const auto held = [&] {
+    const Entry* e = s.find(key);
+    return e != nullptr && e->state == State::in_progress && e->deadline > impl_->clock->now_ms();
+  };
+  if (!held()) return;
+  ++s.waiters;
+  s.settled.wait_for(lock, max_wait);
+  --s.waiters;
 }
 
 std::optional<RecordInfo> MemoryStore::do_inspect(std::string_view key_bytes) {

@@ -20,6 +20,10 @@ std::string_view to_string(Counter counter) noexcept {
       return "lease_takeovers";
     case Counter::lease_lost:
       return "lease_lost";
+    case Counter::cache_hits:
+      return "cache_hits";
+    case Counter::cache_misses:
+      return "cache_misses";
   }
   return "unknown";
 }

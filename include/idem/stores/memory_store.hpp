@@ -56,6 +56,7 @@ class MemoryStore final : public DedupStore {
   bool do_forget(std::string_view key) override;
   std::optional<RecordInfo> do_inspect(std::string_view key) override;
   StoreStats do_stats_summary() override;
+  void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override;
   std::size_t do_purge_expired(std::size_t max_records) override {
     return purge_expired(max_records);
   }
