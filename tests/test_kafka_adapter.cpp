@@ -4,6 +4,12 @@
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -12,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -19,6 +26,8 @@
 #include <vector>
 
 #include "idem/kafka.hpp"
+#include "idem/sqlite.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tsan_c11_threads.hpp"
 
 namespace {
@@ -189,6 +198,104 @@ idem::kafka::ConsumerOptions options_for(std::string topic) {
           .on_error = [](std::string_view e) {
             std::fprintf(stderr, "kafka adapter: %.*s\n", static_cast<int>(e.size()), e.data());
           }};
+}
+
+// --- Child processes ----------------------------------------------------------------------------
+// The SIGKILL test runs consumers as this binary re-executed with IDEM_KAFKA_CHILD set (the
+// mock cluster stays in the parent; children reach it over loopback TCP). The static
+// initializer below runs the child's work and _exits before GoogleTest starts.
+
+constexpr int kCrashRecords = 10'000;
+
+// A consumer over an SQLite inbox with offsets in the store. Writes one byte to stdout once
+// it has handled records (the parent kills it after that), appends a line to the file in
+// IDEM_KAFKA_DUPS for every duplicate it meets, and exits 0 when every record is in.
+int crash_child() {
+  const std::string db = std::getenv("IDEM_KAFKA_DB");
+  const int dups = ::open(std::getenv("IDEM_KAFKA_DUPS"), O_WRONLY | O_APPEND | O_CREAT, 0644);
+  idem::SqliteStore store(db, {.synchronous = idem::SqliteSync::normal});
+  store.transaction([](idem::SqliteTx& tx) {
+    tx.exec("CREATE TABLE IF NOT EXISTS effects(key BLOB NOT NULL, offset_at INTEGER NOT NULL)");
+  });
+  idem::IdempotentConsumer idem_consumer(store, [](const idem::Message& m, idem::SqliteTx& tx) {
+    tx.exec("INSERT INTO effects(key, offset_at) VALUES(?1, ?2)", idem::SqliteBlob{m.key},
+            m.source.offset);
+    std::this_thread::sleep_for(200us);  // slow enough that every child is killed mid-stream
+  });
+  idem::kafka::Config config{{"bootstrap.servers", std::getenv("IDEM_KAFKA_CHILD")},
+                             {"group.id", std::getenv("IDEM_KAFKA_GROUP")},
+                             {"auto.offset.reset", "earliest"},
+                             {"fetch.wait.max.ms", "10"},
+                             {"log_level", "0"}};
+  idem::kafka::ConsumerOptions options{
+      .topics = {"crash"}, .batch_size = 25, .offsets_in_store = true};
+  options.on_result = [&](const idem::kafka::Record&, const idem::Result& r) {
+    if (r.outcome == idem::Outcome::duplicate) (void)!::write(dups, "dup\n", 4);
+  };
+  idem::kafka::Consumer consumer(config, idem_consumer, options);
+  bool told = false;
+  const auto give_up = std::chrono::steady_clock::now() + 120s;
+  while (std::chrono::steady_clock::now() < give_up) {
+    if (consumer.poll(50ms) > 0 && !told) {
+      (void)!::write(STDOUT_FILENO, "x", 1);
+      told = true;
+    }
+    std::int64_t done = 0;
+    store.transaction([&](idem::SqliteTx& tx) {
+      done = tx.query_int64("SELECT count(*) FROM effects").value_or(0);
+    });
+    if (done >= kCrashRecords) {
+      consumer.close();
+      return 0;
+    }
+  }
+  std::fprintf(stderr, "kafka child: the stream did not complete within 120 s\n");
+  return 3;
+}
+
+const bool kIsChild = [] {
+  if (std::getenv("IDEM_KAFKA_CHILD") == nullptr) return false;
+  int code = 1;
+  try {
+    code = crash_child();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kafka child: %s\n", e.what());
+    code = 2;
+  }
+  std::fflush(nullptr);
+  ::_exit(code);
+}();
+
+// Re-executes this binary with env added; its stdout goes to *out_fd (read end). The
+// environment is built before fork(): only async-signal-safe calls happen in the child.
+pid_t spawn_child(const std::map<std::string, std::string>& env, int* out_fd) {
+  std::vector<std::string> entries;
+  for (char** e = environ; *e != nullptr; ++e) entries.emplace_back(*e);
+  for (const auto& [name, value] : env) entries.push_back(name + "=" + value);
+  std::vector<char*> envp;
+  for (std::string& entry : entries) envp.push_back(entry.data());
+  envp.push_back(nullptr);
+  char exe[] = "/proc/self/exe";
+  char* argv[] = {exe, nullptr};
+  int fds[2];
+  if (::pipe(fds) != 0) return -1;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(fds[1], STDOUT_FILENO);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    ::execve(exe, argv, envp.data());
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  *out_fd = fds[0];
+  return pid;
+}
+
+int wait_exit_code(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 TEST(KafkaAdapter, OffsetReplayAfterCrashDoesNotRepeatEffects) {
@@ -424,6 +531,191 @@ TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
   EXPECT_EQ(biz_ids, (std::vector<std::string>{"", "always-fails"}));
   EXPECT_NE(reasons[0].find("invalid message"), std::string::npos) << reasons[0];
   EXPECT_NE(reasons[1].find("handler failed"), std::string::npos) << reasons[1];
+}
+
+// --- Batches and offsets in the store ---------------------------------------------------------
+
+TEST(KafkaBatch, AFailingRecordInTheMiddleIsRetriedAloneAndOrderIsKept) {
+  MockCluster cluster;
+  cluster.create_topic("batched", 1);
+  produce(cluster, "batched", 10, "b-", 0);  // b-0 .. b-9 on one partition
+  idem::MemoryStore store;
+  Effects effects;
+  std::map<std::string, int> runs;
+  idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+    if (++runs[std::string(m.key)] <= 2 && m.key == "b-4") throw std::runtime_error("flaky");
+    effects.add(m.key);
+  });
+  auto options = options_for("batched");
+  options.batch_size = 100;
+  options.batch_wait = 200ms;  // the ten records arrive as one batch
+  idem::kafka::Consumer consumer(cluster.consumer_config("batched-group"), idem_consumer, options);
+  ASSERT_TRUE(poll_until([&] { return effects.distinct() == 10; }, {&consumer}));
+  consumer.commit();
+  EXPECT_EQ(runs["b-4"], 3);
+  for (int i = 0; i < 10; ++i) {
+    if (i != 4) {
+      EXPECT_EQ(runs["b-" + std::to_string(i)], 1) << i;  // re-read as duplicates
+    }
+  }
+  EXPECT_EQ(effects.total(), 10u);
+  // First executions in partition order; the held record's success comes after its retries.
+  std::vector<std::string> expected{"b-0", "b-1", "b-2", "b-3", "b-5",
+                                    "b-6", "b-7", "b-8", "b-9", "b-4"};
+  EXPECT_EQ(effects.order, expected);
+  EXPECT_GE(consumer.stats().batches, 2u);
+  EXPECT_EQ(consumer.stats().retries, 2u);
+  EXPECT_EQ(committed_offset(cluster, "batched-group", "batched", 0), 10);
+}
+
+TEST(KafkaBatch, HandlersSeeWhereEachRecordCameFrom) {
+  MockCluster cluster;
+  cluster.create_topic("sourced", 2);
+  produce(cluster, "sourced", 6, "s-", 1);
+  for (std::size_t batch_size : {std::size_t{1}, std::size_t{50}}) {
+    idem::MemoryStore store;
+    std::vector<std::int64_t> offsets;
+    std::set<std::string> topics;
+    std::set<std::int32_t> partitions;
+    idem::IdempotentConsumer idem_consumer(store, [&](const idem::Message& m) {
+      offsets.push_back(m.source.offset);
+      topics.emplace(m.source.topic);
+      partitions.insert(m.source.partition);
+    });
+    auto options = options_for("sourced");
+    options.batch_size = batch_size;
+    idem::kafka::Consumer consumer(cluster.consumer_config("sourced-" + std::to_string(batch_size)),
+                                   idem_consumer, options);
+    ASSERT_TRUE(poll_until([&] { return offsets.size() == 6; }, {&consumer})) << batch_size;
+    consumer.close();
+    EXPECT_EQ(offsets, (std::vector<std::int64_t>{0, 1, 2, 3, 4, 5})) << batch_size;
+    EXPECT_EQ(topics, std::set<std::string>{"sourced"});
+    EXPECT_EQ(partitions, std::set<std::int32_t>{1});
+  }
+}
+
+TEST(KafkaBatch, BatchModeNeedsAnIdempotentConsumerAndOffsetsInStoreAnInbox) {
+  MockCluster cluster;
+  cluster.create_topic("cfg", 1);
+  auto options = options_for("cfg");
+  options.batch_size = 10;
+  idem::kafka::ConsumeFunction plain = [](const idem::Message&) { return idem::Result{}; };
+  EXPECT_THROW(idem::kafka::Consumer(cluster.consumer_config("cfg"), plain, options),
+               idem::ConfigError);
+  options.batch_size = 0;
+  idem::MemoryStore store;
+  idem::IdempotentConsumer memory(store, [](const idem::Message&) {});
+  EXPECT_THROW(idem::kafka::Consumer(cluster.consumer_config("cfg"), memory, options),
+               idem::ConfigError);
+  options.batch_size = 1;
+  options.offsets_in_store = true;  // MemoryStore has no transaction to save them in
+  try {
+    idem::kafka::Consumer consumer(cluster.consumer_config("cfg"), memory, options);
+    ADD_FAILURE() << "offsets_in_store accepted without a transactional inbox";
+  } catch (const idem::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("SqliteTx& or PostgresTx&"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(KafkaBatch, TwoMembersRebalancingInBatchModeLoseAndDuplicateNothing) {
+  MockCluster cluster;
+  cluster.create_topic("rebal", 4);
+  idem::testing::TempDir dir("kafka-batch");
+  idem::SqliteStore store(dir.file("rebal.db"), {.synchronous = idem::SqliteSync::normal});
+  store.transaction([](idem::SqliteTx& tx) { tx.exec("CREATE TABLE effects(key BLOB NOT NULL)"); });
+  idem::IdempotentConsumer idem_consumer(store, [](const idem::Message& m, idem::SqliteTx& tx) {
+    tx.exec("INSERT INTO effects(key) VALUES(?1)", idem::SqliteBlob{m.key});
+  });
+  auto options = options_for("rebal");
+  options.batch_size = 64;
+  options.offsets_in_store = true;
+  produce(cluster, "rebal", 400, "first-");
+  idem::kafka::Consumer a(cluster.consumer_config("rebal-group"), idem_consumer, options);
+  auto effects = [&] {
+    std::int64_t n = 0;
+    store.transaction([&](idem::SqliteTx& tx) {
+      n = tx.query_int64("SELECT count(*) FROM effects").value_or(-1);
+    });
+    return n;
+  };
+  ASSERT_TRUE(poll_until([&] { return effects() >= 100; }, {&a}));
+  idem::kafka::Consumer b(cluster.consumer_config("rebal-group"), idem_consumer, options);
+  produce(cluster, "rebal", 400, "second-");
+  ASSERT_TRUE(poll_until([&] { return effects() == 800; }, {&a, &b}, 60s));
+  for (int i = 0; i < 20; ++i) {  // nothing more arrives
+    a.poll(10ms);
+    b.poll(10ms);
+  }
+  a.close();
+  b.close();
+  EXPECT_EQ(effects(), 800);
+  std::int64_t distinct = 0;
+  store.transaction([&](idem::SqliteTx& tx) {
+    distinct = tx.query_int64("SELECT count(DISTINCT key) FROM effects").value_or(-1);
+  });
+  EXPECT_EQ(distinct, 800);
+  std::int64_t stored_total = 0;
+  for (const idem::PartitionOffset& p : store.committed_offsets()) stored_total += p.next_offset;
+  EXPECT_EQ(stored_total, 800);  // every record's offset went into the store
+}
+
+// Consumers over an SQLite inbox with offsets in the store, SIGKILLed at random while they
+// work: every record takes effect exactly once, and no record the store committed is read
+// again (no duplicate is ever looked up). Each child joins a fresh group, so nothing depends
+// on Kafka's committed offsets at all.
+TEST(KafkaOffsetsInStore, SigkilledConsumersLoseDuplicateAndReplayNothing) {
+  constexpr int kKills = 20;
+  MockCluster cluster;
+  cluster.create_topic("crash", 3);
+  produce(cluster, "crash", kCrashRecords, "c-");
+  idem::testing::TempDir dir("kafka-crash");
+  const std::string db = dir.file("inbox.db");
+  const std::string dups = dir.file("duplicates.txt");
+  std::mt19937 random(20261205);
+  auto run_child = [&](int n, bool kill) {
+    int out = -1;
+    const pid_t pid = spawn_child({{"IDEM_KAFKA_CHILD", cluster.bootstraps()},
+                                   {"IDEM_KAFKA_GROUP", "crash-" + std::to_string(n)},
+                                   {"IDEM_KAFKA_DB", db},
+                                   {"IDEM_KAFKA_DUPS", dups}},
+                                  &out);
+    EXPECT_GT(pid, 0);
+    // The child says when it has handled records; EOF: it exited (done or failed). The mock
+    // coordinator delays a new group's first join by 3 s, so allow for that and more.
+    pollfd ready{.fd = out, .events = POLLIN, .revents = 0};
+    char started = 0;
+    const bool working = ::poll(&ready, 1, 60'000) == 1 && ::read(out, &started, 1) == 1;
+    if (!working) ::kill(pid, SIGKILL);  // never a hang, whatever the child does
+    if (kill && working) {
+      std::this_thread::sleep_for(std::chrono::microseconds(random() % 60'000));
+      ::kill(pid, SIGKILL);
+    }
+    ::close(out);
+    return wait_exit_code(pid);
+  };
+  int kills = 0;
+  for (int n = 0; n < kKills; ++n) {
+    if (run_child(n, true) == 128 + SIGKILL) ++kills;
+  }
+  EXPECT_EQ(run_child(kKills, false), 0);  // the last one finishes the stream
+  EXPECT_GE(kills, kKills - 2);            // a child may finish before its kill only near the end
+
+  idem::SqliteStore store(db);
+  std::int64_t total = 0, distinct = 0;
+  store.transaction([&](idem::SqliteTx& tx) {
+    total = tx.query_int64("SELECT count(*) FROM effects").value_or(-1);
+    distinct = tx.query_int64("SELECT count(DISTINCT key) FROM effects").value_or(-1);
+  });
+  EXPECT_EQ(total, kCrashRecords);
+  EXPECT_EQ(distinct, kCrashRecords);
+  std::FILE* f = std::fopen(dups.c_str(), "r");
+  std::size_t duplicate_lines = 0;
+  if (f != nullptr) {
+    for (int c = 0; (c = std::fgetc(f)) != EOF;) duplicate_lines += c == '\n';
+    std::fclose(f);
+  }
+  EXPECT_EQ(duplicate_lines, 0u) << "records the store had committed were read again";
 }
 
 }  // namespace

@@ -66,8 +66,9 @@ PartitionListPtr one_partition(const PartitionKey& key, std::int64_t offset) {
 }  // namespace
 
 struct Consumer::Impl {
-  Impl(detail::ConfPtr conf, ConsumeFunction consume, ConsumerOptions options)
-      : consume_(std::move(consume)), options_(std::move(options)) {
+  Impl(detail::ConfPtr conf, ConsumeFunction consume, BatchSteps batch, ConsumerOptions options)
+      : consume_(std::move(consume)), batch_(std::move(batch)), options_(std::move(options)) {
+    check_batch_options();
     detail::set(conf.get(), "enable.auto.commit", "false");
     detail::set(conf.get(), "enable.auto.offset.store", "false");
     if (!options_.dead_letter_topic.empty()) make_dead_letter_producer(conf.get());
@@ -85,6 +86,25 @@ struct Consumer::Impl {
     consumer_queue_.reset(rd_kafka_queue_get_consumer(rk_.get()));
     last_commit_ = coarse_now();
   }
+
+  void check_batch_options() const {
+    if (options_.batch_size == 0) {
+      throw ConfigError("kafka consumer: batch_size is 0; use 1 to consume one record at a time");
+    }
+    if (batched() && !batch_.consume_batch) {
+      throw ConfigError(
+          "kafka consumer: batch_size > 1 and offsets_in_store need a consumer built from an "
+          "idem::IdempotentConsumer (or a BatchSteps), not from a consume function alone");
+    }
+    if (options_.offsets_in_store && !batch_.stored_offsets) {
+      throw ConfigError(
+          "kafka consumer: offsets_in_store needs a transactional inbox: an IdempotentConsumer "
+          "over a SqliteStore or PostgresStore whose handler takes the store's transaction "
+          "(SqliteTx& or PostgresTx&)");
+    }
+  }
+
+  bool batched() const noexcept { return options_.batch_size > 1 || options_.offsets_in_store; }
 
   void make_dead_letter_producer(const rd_kafka_conf_t* consumer_conf) {
     Config config = options_.dead_letter_config;
@@ -137,6 +157,7 @@ struct Consumer::Impl {
         partitions_[{partitions->elems[i].topic, partitions->elems[i].partition}] = {};
       }
       cached_state_ = nullptr;
+      apply_stored_offsets(partitions);
       apply_user_offsets(partitions);
       if (cooperative) {
         ErrorPtr error(rd_kafka_incremental_assign(rk, partitions));
@@ -190,6 +211,24 @@ struct Consumer::Impl {
       partitions_.erase(it);
     }
     cached_state_ = nullptr;
+  }
+
+  // Starts each assigned partition where the store's committed effects end.
+  void apply_stored_offsets(rd_kafka_topic_partition_list_t* partitions) {
+    if (!options_.offsets_in_store) return;
+    try {
+      for (const PartitionOffset& stored : batch_.stored_offsets()) {
+        rd_kafka_topic_partition_t* p =
+            rd_kafka_topic_partition_list_find(partitions, stored.topic.c_str(), stored.partition);
+        if (p != nullptr && stored.next_offset >= 0) p->offset = stored.next_offset;
+      }
+    } catch (const std::exception& e) {
+      // Still correct, only slower: the records between the group's committed offset and the
+      // store's are read again and found done in the store.
+      report(std::string("reading the offsets stored with the effects failed; starting from "
+                         "the group's committed offsets: ") +
+             e.what());
+    }
   }
 
   void apply_user_offsets(rd_kafka_topic_partition_list_t* partitions) {
@@ -387,42 +426,47 @@ struct Consumer::Impl {
     return record.key;
   }
 
-  void handle(const rd_kafka_message_t& m) {
-    if (m.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-      if (m.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-        report(std::string("kafka consume error: ") + rd_kafka_message_errstr(&m));
-      }
-      return;
-    }
-    // Records come in runs from one partition: skip the map lookup (and the topic string) then.
+  // The partition state of a record, or nullptr when the partition is no longer ours (it was
+  // revoked in this poll). Records come in runs from one partition: the last one is cached.
+  PartitionState* state_of(const rd_kafka_message_t& m) {
     if (cached_state_ == nullptr || m.rkt != cached_rkt_ || m.partition != cached_partition_) {
       auto found = partitions_.find({rd_kafka_topic_name(m.rkt), m.partition});
-      if (found == partitions_.end()) return;  // no longer ours (revoked in this poll)
+      if (found == partitions_.end()) return nullptr;
       cached_rkt_ = m.rkt;
       cached_partition_ = m.partition;
       cached_key_ = &found->first;
       cached_state_ = &found->second;
     }
-    const PartitionKey& key = *cached_key_;
-    PartitionState& state = *cached_state_;
-    // A copy fetched before a seek-back: either already settled, or behind a held record.
-    if (m.offset < state.next_offset) return;
-    if (state.blocked_at >= 0 && m.offset != state.blocked_at) return;
+    return cached_state_;
+  }
 
-    headers_.clear();
-    rd_kafka_headers_t* native = nullptr;
-    if (rd_kafka_message_headers(&m, &native) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-      const char* name = nullptr;
-      const void* value = nullptr;
-      std::size_t size = 0;
-      for (std::size_t i = 0;
-           rd_kafka_header_get_all(native, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
-           ++i) {
-        headers_.push_back({name, value ? std::string_view(static_cast<const char*>(value), size)
-                                        : std::string_view{}});
-      }
+  // False for consume errors (reported) and partition-EOF events.
+  bool is_record(const rd_kafka_message_t& m) const {
+    if (m.err == RD_KAFKA_RESP_ERR_NO_ERROR) return true;
+    if (m.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+      report(std::string("kafka consume error: ") + rd_kafka_message_errstr(&m));
     }
-    const Record record{
+    return false;
+  }
+
+  static void read_headers(const rd_kafka_message_t& m, std::vector<Header>& out) {
+    out.clear();
+    rd_kafka_headers_t* native = nullptr;
+    if (rd_kafka_message_headers(&m, &native) != RD_KAFKA_RESP_ERR_NO_ERROR) return;
+    const char* name = nullptr;
+    const void* value = nullptr;
+    std::size_t size = 0;
+    for (std::size_t i = 0;
+         rd_kafka_header_get_all(native, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
+         ++i) {
+      out.push_back({name, value ? std::string_view(static_cast<const char*>(value), size)
+                                 : std::string_view{}});
+    }
+  }
+
+  static Record record_of(const PartitionKey& key, const rd_kafka_message_t& m,
+                          std::span<const Header> headers) {
+    return Record{
         .topic = key.first,
         .partition = m.partition,
         .offset = m.offset,
@@ -430,18 +474,43 @@ struct Consumer::Impl {
                      : std::string_view{},
         .payload = m.payload ? std::string_view(static_cast<const char*>(m.payload), m.len)
                              : std::string_view{},
-        .headers = headers_,
+        .headers = headers,
     };
+  }
 
+  Message message_of(const Record& record) const {
+    return Message{
+        .key = key_of(record),
+        .payload = record.payload,
+        .inner_id = record.header(options_.inner_id_header).value_or(""),
+        .source = {.topic = record.topic, .partition = record.partition, .offset = record.offset}};
+  }
+
+  void handle(const rd_kafka_message_t& m) {
+    if (!is_record(m)) return;
+    PartitionState* found = state_of(m);
+    if (found == nullptr) return;
+    PartitionState& state = *found;
+    const PartitionKey& key = *cached_key_;
+    // A copy fetched before a seek-back: either already settled, or behind a held record.
+    if (m.offset < state.next_offset) return;
+    if (state.blocked_at >= 0 && m.offset != state.blocked_at) return;
+
+    read_headers(m, headers_);
+    const Record record = record_of(key, m, headers_);
     ++stats_.records;
-    Verdict verdict = decide([&] {
-      const Message message{.key = key_of(record),
-                            .payload = record.payload,
-                            .inner_id = record.header(options_.inner_id_header).value_or("")};
-      Result result = consume_(message);
+    const Verdict verdict = decide([&] {
+      Result result = consume_(message_of(record));
       if (options_.on_result) options_.on_result(record, result);
       return result;
     });
+    (void)apply(verdict, key, state, m, record);
+  }
+
+  // Settles the record or holds it back (pausing its partition), as the verdict says.
+  // Returns whether it was settled.
+  bool apply(Verdict verdict, const PartitionKey& key, PartitionState& state,
+             const rd_kafka_message_t& m, const Record& record) {
     std::string& reason = verdict.reason;
     // Kafka cannot hold one record aside: a store outage pauses the partition like a retry.
     Disposition action =
@@ -470,14 +539,116 @@ struct Consumer::Impl {
     if (action == Disposition::settle) {
       ++stats_.acked;
       settle(state, m.offset);
-    } else {
-      block(key, state, m.offset);
+      return true;
     }
+    block(key, state, m.offset);
+    return false;
+  }
+
+  // Batch mode: the polled records, grouped by partition in order, each group through one
+  // consume_batch. Results are applied in order; the first record held back stops its group
+  // (the records after it were handled, and are read again after it as duplicates).
+  void handle_batch(const std::vector<MessagePtr>& polled) {
+    struct Group {
+      const PartitionKey* key;
+      PartitionState* state;
+      std::vector<const rd_kafka_message_t*> records;
+    };
+    std::vector<Group> groups;
+    for (const MessagePtr& m : polled) {
+      if (!is_record(*m)) continue;
+      PartitionState* state = state_of(*m);
+      if (state == nullptr || state->paused) continue;
+      Group* group = nullptr;
+      for (Group& g : groups) {
+        if (g.state == state) group = &g;
+      }
+      if (group == nullptr) group = &groups.emplace_back(Group{cached_key_, state, {}});
+      // Copies fetched before a seek-back are skipped, as in handle(); after a hold, the
+      // group must start at the held record.
+      if (m->offset < state->next_offset) continue;
+      if (!group->records.empty() && m->offset <= group->records.back()->offset) continue;
+      if (group->records.empty() && state->blocked_at >= 0 && m->offset != state->blocked_at) {
+        continue;
+      }
+      group->records.push_back(m.get());
+    }
+    for (Group& group : groups) {
+      if (!group.records.empty()) run_group(*group.key, *group.state, group.records);
+    }
+  }
+
+  void run_group(const PartitionKey& key, PartitionState& state,
+                 const std::vector<const rd_kafka_message_t*>& ms) {
+    const std::size_t n = ms.size();
+    batch_headers_.resize(std::max(batch_headers_.size(), n));
+    std::vector<Record> records;
+    std::vector<Message> messages;
+    records.reserve(n);
+    messages.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      read_headers(*ms[i], batch_headers_[i]);
+      records.push_back(record_of(key, *ms[i], batch_headers_[i]));
+      messages.push_back(message_of(records.back()));
+    }
+    const PartitionOffset next{key.first, key.second, ms.back()->offset + 1};
+    std::vector<Result> results;
+    bool offsets_saved = false;
+    try {
+      results = batch_.consume_batch(messages,
+                                     options_.offsets_in_store
+                                         ? std::span<const PartitionOffset>(&next, 1)
+                                         : std::span<const PartitionOffset>{},
+                                     &offsets_saved);
+      ++stats_.batches;
+    } catch (const StoreUnavailable& e) {
+      ++stats_.records;  // the first record was tried; the whole group waits for the store
+      report(std::string("store unavailable; partition ") + key.first + "/" +
+             std::to_string(key.second) + " waits and retries: " + e.what());
+      block(key, state, ms.front()->offset);
+      return;
+    } catch (...) {
+      // An invalid key, or a handler error rethrown on request: one record at a time, so each
+      // gets its own verdict (records already done come back as duplicates).
+      for (const rd_kafka_message_t* m : ms) {
+        if (state.paused) break;
+        handle(*m);
+      }
+      return;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      ++stats_.records;
+      const Verdict verdict = decide([&]() -> const Result& {
+        if (options_.on_result) options_.on_result(records[i], results[i]);
+        return results[i];
+      });
+      if (!apply(verdict, key, state, *ms[i], records[i])) break;
+    }
+  }
+
+  // Batch mode: up to batch_size records (waiting up to batch_wait after the first).
+  std::size_t poll_batch(std::chrono::milliseconds timeout) {
+    std::vector<MessagePtr> polled;
+    MessagePtr m(
+        rd_kafka_consumer_poll(rk_.get(), static_cast<int>(until_next_retry(timeout).count())));
+    const Clock::time_point fill_until = Clock::now() + options_.batch_wait;
+    while (m) {
+      polled.push_back(std::move(m));
+      if (polled.size() >= options_.batch_size || stop_.load(std::memory_order_relaxed)) break;
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(fill_until - Clock::now());
+      m.reset(rd_kafka_consumer_poll(rk_.get(),
+                                     static_cast<int>(std::max<std::int64_t>(0, left.count()))));
+    }
+    const std::uint64_t before = stats_.records;
+    handle_batch(polled);
+    if (commit_due()) commit_pending(nullptr, false);
+    return static_cast<std::size_t>(stats_.records - before);
   }
 
   std::size_t poll(std::chrono::milliseconds timeout) {
     if (!rk_) return 0;
     resume_due();
+    if (batched()) return poll_batch(timeout);
     std::size_t handled = 0;
     MessagePtr m(
         rd_kafka_consumer_poll(rk_.get(), static_cast<int>(until_next_retry(timeout).count())));
@@ -515,12 +686,14 @@ struct Consumer::Impl {
   }
 
   ConsumeFunction consume_;
+  BatchSteps batch_;
   ConsumerOptions options_;
   HandlePtr dlq_;  // declared before rk_: destroyed after the consumer
   HandlePtr rk_;
   QueuePtr consumer_queue_;  // receives asynchronous commit results; released before rk_
   std::map<PartitionKey, PartitionState> partitions_;
-  std::vector<Header> headers_;  // reused per record
+  std::vector<Header> headers_;                     // reused per record
+  std::vector<std::vector<Header>> batch_headers_;  // reused per batch, one per record
   // The last partition handled; reset whenever partitions_ loses entries.
   const rd_kafka_topic_t* cached_rkt_ = nullptr;
   std::int32_t cached_partition_ = -1;
@@ -532,12 +705,16 @@ struct Consumer::Impl {
 };
 
 Consumer::Consumer(const Config& config, ConsumeFunction consume, ConsumerOptions options)
-    : impl_(std::make_unique<Impl>(detail::make_conf(config), std::move(consume),
+    : Consumer(config, std::move(consume), BatchSteps{}, std::move(options)) {}
+
+Consumer::Consumer(const Config& config, ConsumeFunction consume, BatchSteps batch,
+                   ConsumerOptions options)
+    : impl_(std::make_unique<Impl>(detail::make_conf(config), std::move(consume), std::move(batch),
                                    std::move(options))) {}
 
 Consumer::Consumer(rd_kafka_conf_t* conf, ConsumeFunction consume, ConsumerOptions options)
-    : impl_(std::make_unique<Impl>(detail::ConfPtr(conf), std::move(consume), std::move(options))) {
-}
+    : impl_(std::make_unique<Impl>(detail::ConfPtr(conf), std::move(consume), BatchSteps{},
+                                   std::move(options))) {}
 
 Consumer::~Consumer() {
   if (!impl_) return;

@@ -60,6 +60,17 @@ enum class KeySource {
 /// idem::InvalidMessage (dead-letter) and idem::StoreUnavailable (retry, no commit).
 using ConsumeFunction = std::function<Result(const Message&)>;
 
+/// @brief The batch steps of a consumer built from an IdempotentConsumer: consume_batch of
+/// one partition's records (with the offset after them, which a transactional store saves in
+/// the same transaction and reports through *offsets_saved), and the offsets the store holds.
+struct BatchSteps {
+  std::function<std::vector<Result>(std::span<const Message> batch,
+                                    std::span<const PartitionOffset> offsets, bool* offsets_saved)>
+      consume_batch{};
+  /// Empty unless the store is transactional (SqliteStore, PostgresStore).
+  std::function<std::vector<PartitionOffset>()> stored_offsets{};
+};
+
 /// @brief Policy of a kafka::Consumer. Designated-initialiser friendly.
 struct ConsumerOptions {
   /// Topics to subscribe to (the consumer joins the group of the config's group.id).
@@ -76,6 +87,20 @@ struct ConsumerOptions {
 
   /// Longest wait in one rd_kafka_consumer_poll.
   std::chrono::milliseconds poll_timeout{100};
+  /// Records handed to the store at once, per partition and in order, through consume_batch
+  /// (one transaction per batch with a transactional store, a savepoint per record). 1: one
+  /// record at a time. Needs a consumer built from an IdempotentConsumer.
+  std::size_t batch_size = 1;
+  /// After the first record of a poll, how long to wait for more to fill a batch. 0: take
+  /// what is already buffered.
+  std::chrono::milliseconds batch_wait{0};
+  /// With a transactional inbox (a handler taking SqliteTx& or PostgresTx&): each batch's next
+  /// offset is saved in the transaction of its effects, and on assign the consumer starts from the
+  /// offsets the store holds (partitions it has none for start from the group's committed offset).
+  /// Kafka commits continue, for lag monitoring, but correctness no longer depends on them: after a
+  /// crash nothing the store committed is read again. idem::ConfigError with a store that is not
+  /// transactional.
+  bool offsets_in_store = false;
   /// How often settled offsets are committed. These periodic commits are asynchronous (their
   /// results are served by a later poll(); failed ones are sent again next time). 0: after
   /// every record. Offsets are also committed, synchronously, on revoke, commit() and close().
@@ -115,6 +140,7 @@ struct ConsumerStats {
   std::uint64_t retries = 0;        ///< times a record was held back for a retry
   std::uint64_t dead_lettered = 0;  ///< records produced to the dead-letter topic
   std::uint64_t commits = 0;        ///< successful offset commits
+  std::uint64_t batches = 0;        ///< consume_batch calls (batch_size > 1 or offsets_in_store)
 };
 
 /// @brief A Kafka consumer-group member that runs every record through a consume function
@@ -135,13 +161,17 @@ class Consumer {
   /// @brief Builds a consumer from a configuration you prepared; takes ownership of conf
   /// (even when it throws). Its rebalance callback and opaque are replaced.
   Consumer(rd_kafka_conf_t* conf, ConsumeFunction consume, ConsumerOptions options);
-  /// @brief Same, consuming through an IdempotentConsumer that must outlive this object.
+  /// @brief Same, consuming through an IdempotentConsumer that must outlive this object; the
+  /// only form that supports batch_size > 1 and offsets_in_store.
   template <class Handler, class Store>
   Consumer(const Config& config, IdempotentConsumer<Handler, Store>& consumer,
            ConsumerOptions options)
       : Consumer(
             config, [&consumer](const Message& m) { return consumer.consume(m); },
-            std::move(options)) {}
+            batch_steps_of(consumer), std::move(options)) {}
+  /// @brief A consume function and its batch steps (see BatchSteps).
+  Consumer(const Config& config, ConsumeFunction consume, BatchSteps batch,
+           ConsumerOptions options);
 
   /// @brief close()s unless closed or abandoned; never throws.
   ~Consumer();
@@ -168,6 +198,27 @@ class Consumer {
   void abandon() noexcept;
 
   ConsumerStats stats() const noexcept;
+
+  /// @brief The BatchSteps of an IdempotentConsumer (offsets go to the store when its handler
+  /// runs in the store's transaction).
+  template <class Handler, class Store>
+  static BatchSteps batch_steps_of(IdempotentConsumer<Handler, Store>& consumer) {
+    BatchSteps steps;
+    if constexpr (detail::runs_in_transaction<Handler, Store>()) {
+      steps.consume_batch = [&consumer](std::span<const Message> batch,
+                                        std::span<const PartitionOffset> offsets, bool* saved) {
+        return consumer.consume_batch_with_offsets(batch, offsets, saved);
+      };
+      steps.stored_offsets = [&consumer] { return consumer.store().committed_offsets(); };
+    } else {
+      steps.consume_batch = [&consumer](std::span<const Message> batch,
+                                        std::span<const PartitionOffset>, bool* saved) {
+        if (saved != nullptr) *saved = false;
+        return consumer.consume_batch(batch);
+      };
+    }
+    return steps;
+  }
   /// @brief The librdkafka handle (nullptr after close() or abandon()).
   rd_kafka_t* native_handle() const noexcept;
 
