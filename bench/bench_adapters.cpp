@@ -7,6 +7,8 @@
 #include <benchmark/benchmark.h>
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
+#include <sqlite3.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -24,6 +26,7 @@
 
 #include "idem/kafka.hpp"
 #include "idem/rabbitmq.hpp"
+#include "idem/sqlite.hpp"
 #include "support/rabbitmq_server.hpp"
 
 namespace {
@@ -253,6 +256,151 @@ void BM_ConsumeOnlyMemoryStore(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * kafka_timed);
 }
 
+// ---- Kafka batch mode ----------------------------------------------------------------------
+// The adapter's batch mode (batch_size 500) over MemoryStore against the raw loop above; and
+// over an SQLite transactional inbox with offsets in the store against a raw loop that, per
+// drained poll (up to 500 records), inserts the same rows in one SQLite transaction: the dedup
+// key (INSERT OR IGNORE into a key table), the effect row, and the partition's next offset.
+
+constexpr std::size_t kafka_batch = 500;
+
+void BM_KafkaIdemBatch(benchmark::State& state) {
+  for (auto _ : state) {
+    idem::MemoryStore store;
+    std::size_t bytes = 0;
+    idem::IdempotentConsumer counter(store,
+                                     [&](const idem::Message& m) { bytes += m.payload.size(); });
+    int n = 0;
+    Window window;
+    idem::kafka::Consumer consumer(
+        kafka().consumer_config("idem-batch-" + std::to_string(next_group++)), counter,
+        {.topics = {"bench"},
+         .batch_size = kafka_batch,
+         .on_result = [&](const idem::kafka::Record&, const idem::Result&) {
+           window.record(++n);
+         }});
+    while (n < kafka_messages) consumer.poll(std::chrono::milliseconds{100});
+    finish(state, "idem batch", window);
+    benchmark::DoNotOptimize(bytes);
+  }
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
+}
+
+// A fresh database file per run, WAL, synchronous=NORMAL (the inbox's setting below too).
+struct BenchDb {
+  BenchDb()
+      : path("/tmp/idem-bench-kafka-" + std::to_string(::getpid()) + "-" +
+             std::to_string(next_group) + ".db") {}
+  ~BenchDb() {
+    for (const char* suffix : {"", "-wal", "-shm"}) std::remove((path + suffix).c_str());
+  }
+  std::string path;
+};
+
+void BM_KafkaRawSqlite(benchmark::State& state) {
+  for (auto _ : state) {
+    BenchDb file;
+    sqlite3* db = nullptr;
+    sqlite3_open(file.path.c_str(), &db);
+    sqlite3_exec(db,
+                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                 "CREATE TABLE seen(key BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;"
+                 "CREATE TABLE effects(key BLOB NOT NULL, bytes INTEGER NOT NULL);"
+                 "CREATE TABLE offsets(topic TEXT NOT NULL, partition_id INTEGER NOT NULL, "
+                 "next_offset INTEGER NOT NULL, PRIMARY KEY(topic, partition_id)) WITHOUT ROWID;",
+                 nullptr, nullptr, nullptr);
+    sqlite3_stmt *seen = nullptr, *effect = nullptr, *offset = nullptr;
+    sqlite3_prepare_v2(db, "INSERT OR IGNORE INTO seen(key) VALUES(?1)", -1, &seen, nullptr);
+    sqlite3_prepare_v2(db, "INSERT INTO effects(key, bytes) VALUES(?1, ?2)", -1, &effect, nullptr);
+    sqlite3_prepare_v2(db,
+                       "INSERT INTO offsets VALUES(?1, ?2, ?3) ON CONFLICT(topic, partition_id) "
+                       "DO UPDATE SET next_offset = excluded.next_offset",
+                       -1, &offset, nullptr);
+    std::array<char, 256> err{};
+    rd_kafka_conf_t* conf = rd_kafka_conf_new();
+    for (const auto& [k, v] : kafka().consumer_config("rawsql-" + std::to_string(next_group++))) {
+      rd_kafka_conf_set(conf, k.c_str(), v.c_str(), err.data(), err.size());
+    }
+    rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err.data(), err.size());
+    rd_kafka_poll_set_consumer(rk);
+    rd_kafka_topic_partition_list_t* topics = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(topics, "bench", RD_KAFKA_PARTITION_UA);
+    rd_kafka_subscribe(rk, topics);
+    rd_kafka_topic_partition_list_destroy(topics);
+    int n = 0;
+    Window window;
+    std::vector<rd_kafka_message_t*> polled;
+    while (n < kafka_messages) {
+      rd_kafka_message_t* m = rd_kafka_consumer_poll(rk, 100);
+      while (m != nullptr) {
+        polled.push_back(m);
+        if (polled.size() == kafka_batch) break;
+        m = rd_kafka_consumer_poll(rk, 0);
+      }
+      if (polled.empty()) continue;
+      sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+      for (rd_kafka_message_t* r : polled) {
+        if (r->err != RD_KAFKA_RESP_ERR_NO_ERROR) continue;
+        sqlite3_bind_blob(seen, 1, r->key, static_cast<int>(r->key_len), SQLITE_STATIC);
+        sqlite3_step(seen);
+        sqlite3_reset(seen);
+        if (sqlite3_changes(db) == 1) {
+          sqlite3_bind_blob(effect, 1, r->key, static_cast<int>(r->key_len), SQLITE_STATIC);
+          sqlite3_bind_int64(effect, 2, static_cast<sqlite3_int64>(r->len));
+          sqlite3_step(effect);
+          sqlite3_reset(effect);
+        }
+        sqlite3_bind_text(offset, 1, rd_kafka_topic_name(r->rkt), -1, SQLITE_STATIC);
+        sqlite3_bind_int(offset, 2, r->partition);
+        sqlite3_bind_int64(offset, 3, r->offset + 1);
+        sqlite3_step(offset);
+        sqlite3_reset(offset);
+      }
+      sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr);
+      for (rd_kafka_message_t* r : polled) {
+        if (r->err == RD_KAFKA_RESP_ERR_NO_ERROR) window.record(++n);
+        rd_kafka_message_destroy(r);
+      }
+      polled.clear();
+    }
+    finish(state, "kafka raw + sqlite", window);
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    sqlite3_finalize(seen);
+    sqlite3_finalize(effect);
+    sqlite3_finalize(offset);
+    sqlite3_close(db);
+  }
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
+}
+
+void BM_KafkaIdemSqliteInbox(benchmark::State& state) {
+  for (auto _ : state) {
+    BenchDb file;
+    idem::SqliteStore store(file.path, {.synchronous = idem::SqliteSync::normal});
+    store.transaction([](idem::SqliteTx& tx) {
+      tx.exec("CREATE TABLE effects(key BLOB NOT NULL, bytes INTEGER NOT NULL)");
+    });
+    idem::IdempotentConsumer inbox(store, [](const idem::Message& m, idem::SqliteTx& tx) {
+      tx.exec("INSERT INTO effects(key, bytes) VALUES(?1, ?2)", idem::SqliteBlob{m.key},
+              static_cast<std::int64_t>(m.payload.size()));
+    });
+    int n = 0;
+    Window window;
+    idem::kafka::Consumer consumer(
+        kafka().consumer_config("idem-inbox-" + std::to_string(next_group++)), inbox,
+        {.topics = {"bench"},
+         .batch_size = kafka_batch,
+         .offsets_in_store = true,
+         .on_result = [&](const idem::kafka::Record&, const idem::Result&) {
+           window.record(++n);
+         }});
+    while (n < kafka_messages) consumer.poll(std::chrono::milliseconds{100});
+    finish(state, "idem sqlite inbox", window);
+  }
+  state.SetItemsProcessed(state.iterations() * kafka_timed);
+}
+
 // Raw and idem runs alternate so that both see the same machine load over time.
 const bool kafka_registered = [] {
   for (int round = 1; round <= kafka_rounds; ++round) {
@@ -260,7 +408,10 @@ const bool kafka_registered = [] {
     for (auto [name, fn] : {std::pair{"BM_KafkaRawLoop", &BM_KafkaRawLoop},
                             std::pair{"BM_KafkaIdemAdapter", &BM_KafkaIdemAdapter},
                             std::pair{"BM_KafkaAdapterNoStore", &BM_KafkaAdapterNoStore},
-                            std::pair{"BM_ConsumeOnlyMemoryStore", &BM_ConsumeOnlyMemoryStore}}) {
+                            std::pair{"BM_ConsumeOnlyMemoryStore", &BM_ConsumeOnlyMemoryStore},
+                            std::pair{"BM_KafkaIdemBatch", &BM_KafkaIdemBatch},
+                            std::pair{"BM_KafkaRawSqlite", &BM_KafkaRawSqlite},
+                            std::pair{"BM_KafkaIdemSqliteInbox", &BM_KafkaIdemSqliteInbox}}) {
       benchmark::RegisterBenchmark((name + suffix).c_str(), fn)
           ->UseManualTime()
           ->Iterations(1)
@@ -284,6 +435,13 @@ struct PrintSummary {
                   *std::min_element(v.rate.begin(), v.rate.end()) / 1e3,
                   *std::max_element(v.rate.begin(), v.rate.end()) / 1e3, median(v.cpu_ns));
     }
+    auto ratio = [&](const char* idem, const char* raw) {
+      if (!s.contains(idem) || !s.contains(raw)) return;
+      std::printf("  ratio %s / %s: %.2fx (median rates)\n", idem, raw,
+                  median(s.at(idem).rate) / median(s.at(raw).rate));
+    };
+    ratio("idem batch", "kafka raw");
+    ratio("idem sqlite inbox", "kafka raw + sqlite");
     if (s.contains("kafka raw") && s.contains("kafka idem")) {
       std::printf("  ratio idem/raw: %.2fx (median rates), CPU per record %.2fx\n",
                   median(s.at("kafka idem").rate) / median(s.at("kafka raw").rate),
