@@ -47,9 +47,29 @@ void require_layout(SqliteConnection& conn, const char* table,
                     "a new file, or move that table aside (its done keys are then forgotten)");
 }
 
+// True when idem's three tables exist and the version row says this build's layout: then
+// opening needs no write lock (idemctl and a second consumer never wait behind a writer).
+bool schema_in_place(SqliteConnection& conn) {
+  StmtPtr tables = conn.prepare_internal(
+      "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
+      "name IN ('idem_keys', 'idem_meta', 'idem_offsets')");
+  {
+    Step step(conn, tables.get(), "looking for idem's tables");
+    if (!step.row() || step.column_int64(0) != 3) return false;
+  }
+  StmtPtr meta = conn.prepare_internal("SELECT value FROM idem_meta WHERE name = 'schema_version'");
+  Step version(conn, meta.get(), "reading the schema version");
+  return version.row() && version.column_int64(0) == kSchemaVersion;
+}
+
 }  // namespace
 
 void open_schema(SqliteConnection& conn) {
+  if (schema_in_place(conn)) {
+    require_layout(conn, "idem_keys", kKeyColumns);
+    require_layout(conn, "idem_offsets", kOffsetColumns);
+    return;
+  }
   conn.exec_script("BEGIN IMMEDIATE", "locking the database to create the tables", Phase::open);
   try {
     conn.exec_script(kSchemaSql, "creating the tables", Phase::open);
