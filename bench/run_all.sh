@@ -25,6 +25,7 @@ echo "## memory footprint"
 bash "$root/bench/memory_footprint.sh" "$build/bench/memory_footprint"
 run bench_inner_msg_id
 run bench_sqlite_store --benchmark_filter=BM_Pair
+run bench_postgres_store --benchmark_filter=BM_Pair
 echo "## redis vs redis-benchmark"
 bash "$root/bench/redis_vs_redis_benchmark.sh" "$build"
 run bench_adapters
