@@ -7,6 +7,7 @@
 
 #include <array>
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -228,6 +229,52 @@ TEST_F(CachedStoreTest, BatchesServeHitsAndAskTheStoreForTheRest) {
   EXPECT_EQ(cached.complete_batch(completions), std::vector<bool>{true});
   EXPECT_EQ(cached.claim(request("b-new")).status, ClaimStatus::done);
   EXPECT_EQ(counting.claims, claims + 1);
+}
+
+TEST(CachedStoreReplace, ATooBigResponseDropsTheEntryInsteadOfKeepingAStaleOne) {
+  MemoryStore memory;
+  CachedStore cached(memory, CachedStoreOptions{.max_bytes = 512});
+  idem::IdempotentConsumer consumer(
+      cached, [](const idem::Message&) { return std::string(1000, 'r'); },
+      idem::Options{.mark = idem::Mark::before_processing});
+  consumer.consume({.key = "big", .payload = "p"});  // cached at the claim, without response
+  idem::Result again = consumer.consume({.key = "big", .payload = "p"});
+  EXPECT_EQ(again.outcome, idem::Outcome::duplicate);
+  ASSERT_TRUE(again.response.has_value());
+  EXPECT_EQ(again.response->size(), 1000u);  // from the store: the entry could not hold it
+}
+
+// A store whose completion lets a forget run in the middle of it, as another thread would.
+class ForgetDuringComplete final : public idem::DedupStore {
+ public:
+  explicit ForgetDuringComplete(idem::DedupStore& inner) : inner_(inner) {}
+  std::string_view name() const noexcept override { return "racing"; }
+  std::function<void()> during_complete;
+
+ private:
+  Claim do_claim(const ClaimRequest& request) override { return inner_.claim(request); }
+  bool do_complete(const idem::Completion& completion) override {
+    const bool done = inner_.complete(completion);
+    if (during_complete) during_complete();
+    return done;
+  }
+  bool do_release(std::string_view key, std::uint64_t token) override {
+    return inner_.release(key, token);
+  }
+  bool do_forget(std::string_view key) override { return inner_.forget(key); }
+  idem::DedupStore& inner_;
+};
+
+TEST(CachedStoreReplace, AForgetRacingACompletionIsNotUndoneByIt) {
+  MemoryStore memory;
+  ForgetDuringComplete racing(memory);
+  CachedStore cached(racing);
+  racing.during_complete = [&] { cached.forget("k"); };
+  Claim c = cached.claim(request("k"));
+  ASSERT_TRUE(cached.complete({.key = "k", .token = c.token, .retention = 10s}));
+  racing.during_complete = nullptr;
+  EXPECT_EQ(cached.cache_stats().entries, 0u);
+  EXPECT_EQ(cached.claim(request("k")).status, ClaimStatus::acquired);  // the store forgot it
 }
 
 TEST(CachedStoreBounds, EntriesAndBytesStayWithinTheirBounds) {

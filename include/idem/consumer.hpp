@@ -114,7 +114,10 @@ class IdempotentConsumer {
   /// nothing unacked is skipped after a restart: the whole batch is replayed, its processed
   /// messages as duplicates. *offsets_saved (when given) tells whether they were stored; when
   /// false, redeliver or dead-letter the unacked messages, then store the offsets yourself
-  /// (save_offsets) or consume the batch again.
+  /// (save_offsets) or consume the batch again. With Options::in_progress_wait a message that
+  /// was in progress at commit time may be settled by the wait afterwards: every result is
+  /// then ackable but *offsets_saved is false (the stored offsets lag; a resumed consumer
+  /// replays those messages as duplicates).
   /// @throws as consume_batch (with rethrow_handler_errors, after the commit).
   std::vector<Result> consume_batch_with_offsets(
       std::span<const Message> batch, std::span<const PartitionOffset> offsets,

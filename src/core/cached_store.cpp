@@ -54,17 +54,25 @@ struct CachedStore::Cache {
     return std::nullopt;
   }
 
-  // Remembers a done key until deadline_ms (capped by max_ttl from now).
+  // The forget generation before a store call whose answer may be remembered.
+  std::uint64_t generation() {
+    std::lock_guard lock(mutex);
+    return forgets;
+  }
+
+  // Remembers a done key until deadline_ms (capped by max_ttl from now), replacing what the
+  // cache held for it. Not when a forget went through since `seen` (the answer may predate
+  // it), nor when the entry would be too big or already over.
   void remember(std::string_view key, const Fingerprint& fingerprint,
-                const std::optional<std::string>& response, std::int64_t deadline_ms) {
+                const std::optional<std::string>& response, std::int64_t deadline_ms,
+                std::uint64_t seen) {
     const std::int64_t now_ms = now();
     deadline_ms = std::min(deadline_ms, now_ms + options.max_ttl.count());
-    if (deadline_ms <= now_ms) return;
     const std::size_t bytes =
         sizeof(Entry) + 2 * sizeof(void*) + key.size() + (response ? response->size() : 0);
-    if (bytes > options.max_bytes) return;
     std::lock_guard lock(mutex);
     if (auto found = index.find(key); found != index.end()) erase(found);
+    if (seen != forgets || deadline_ms <= now_ms || bytes > options.max_bytes) return;
     lru.push_front(Entry{std::string(key), deadline_ms, fingerprint, response, bytes});
     index.emplace(lru.front().key, lru.begin());
     total_bytes += bytes;
@@ -75,6 +83,7 @@ struct CachedStore::Cache {
 
   void forget(std::string_view key) {
     std::lock_guard lock(mutex);
+    ++forgets;
     if (auto found = index.find(key); found != index.end()) erase(found);
     if (auto found = pending.find(absl::string_view(key.data(), key.size()));
         found != pending.end())
@@ -113,6 +122,7 @@ struct CachedStore::Cache {
   absl::flat_hash_map<std::string_view, List::iterator> index;  // views into lru's keys
   absl::flat_hash_map<std::string, Pending> pending;
   std::size_t total_bytes = 0;
+  std::uint64_t forgets = 0;  // forget() calls so far: answers older than one are not kept
   std::atomic<std::uint64_t> hits{0};
   std::atomic<std::uint64_t> misses{0};
 };
@@ -150,13 +160,14 @@ void CachedStore::clear_cache() {
   cache_->total_bytes = 0;
 }
 
-void CachedStore::learn(const ClaimRequest& request, const Claim& claim, std::int64_t asked_at) {
+void CachedStore::learn(const ClaimRequest& request, const Claim& claim, std::int64_t asked_at,
+                        std::uint64_t generation) {
   if (claim.status == ClaimStatus::acquired) {
     // Recorded done at once (Mark::before_processing) for the retention; its completion
     // then stores the response, which replaces the entry.
     if (request.mark_done) {
       cache_->remember(request.key, request.fingerprint, std::nullopt,
-                       asked_at + request.retention.count());
+                       asked_at + request.retention.count(), generation);
     }
     cache_->acquired(request.key, claim.token, request.fingerprint);
   } else if (claim.status == ClaimStatus::done) {
@@ -166,7 +177,7 @@ void CachedStore::learn(const ClaimRequest& request, const Claim& claim, std::in
       const std::optional<RecordInfo> info = inner_.inspect(request.key);
       if (info && info->state == RecordInfo::State::done) {
         cache_->remember(request.key, request.fingerprint, claim.response,
-                         asked_at + info->expires_in_ms);
+                         asked_at + info->expires_in_ms, generation);
       }
     } catch (const Error&) {  // NOLINT(bugprone-empty-catch): caching is an optimisation
     }
@@ -175,9 +186,10 @@ void CachedStore::learn(const ClaimRequest& request, const Claim& claim, std::in
 
 Claim CachedStore::do_claim(const ClaimRequest& request) {
   if (std::optional<Claim> hit = cache_->lookup(request)) return std::move(*hit);
+  const std::uint64_t generation = cache_->generation();
   const std::int64_t asked_at = cache_->now();
   Claim claim = inner_.claim(request);
-  learn(request, claim, asked_at);
+  learn(request, claim, asked_at, generation);
   return claim;
 }
 
@@ -194,16 +206,18 @@ std::vector<Claim> CachedStore::do_claim_batch(std::span<const ClaimRequest> req
     }
   }
   if (missed.empty()) return claims;
+  const std::uint64_t generation = cache_->generation();
   const std::int64_t asked_at = cache_->now();
   std::vector<Claim> answers = inner_.claim_batch(missed);
   for (std::size_t j = 0; j < missed.size(); ++j) {
-    learn(missed[j], answers[j], asked_at);
+    learn(missed[j], answers[j], asked_at, generation);
     claims[missed_at[j]] = std::move(answers[j]);
   }
   return claims;
 }
 
 bool CachedStore::do_complete(const Completion& completion) {
+  const std::uint64_t generation = cache_->generation();
   const std::int64_t asked_at = cache_->now();
   const bool done = inner_.complete(completion);
   const std::optional<Fingerprint> fingerprint = cache_->settle(completion.key, completion.token);
@@ -211,12 +225,13 @@ bool CachedStore::do_complete(const Completion& completion) {
     std::optional<std::string> response;
     if (completion.response) response = std::string(*completion.response);
     cache_->remember(completion.key, *fingerprint, response,
-                     asked_at + completion.retention.count());
+                     asked_at + completion.retention.count(), generation);
   }
   return done;
 }
 
 std::vector<bool> CachedStore::do_complete_batch(std::span<const Completion> completions) {
+  const std::uint64_t generation = cache_->generation();
   const std::int64_t asked_at = cache_->now();
   std::vector<bool> done = inner_.complete_batch(completions);
   for (std::size_t i = 0; i < completions.size(); ++i) {
@@ -226,7 +241,7 @@ std::vector<bool> CachedStore::do_complete_batch(std::span<const Completion> com
     std::optional<std::string> response;
     if (completion.response) response = std::string(*completion.response);
     cache_->remember(completion.key, *fingerprint, response,
-                     asked_at + completion.retention.count());
+                     asked_at + completion.retention.count(), generation);
   }
   return done;
 }
@@ -237,7 +252,7 @@ bool CachedStore::do_release(std::string_view key, std::uint64_t token) {
 }
 
 bool CachedStore::do_forget(std::string_view key) {
-  // Dropped after as well: a claim racing with the forget may have cached the old record.
+  // Counted before and after the store's forget: an answer read before either is not kept.
   cache_->forget(key);
   const bool existed = inner_.forget(key);
   cache_->forget(key);

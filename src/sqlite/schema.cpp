@@ -57,9 +57,14 @@ bool schema_in_place(SqliteConnection& conn) {
     Step step(conn, tables.get(), "looking for idem's tables");
     if (!step.row() || step.column_int64(0) != 3) return false;
   }
-  StmtPtr meta = conn.prepare_internal("SELECT value FROM idem_meta WHERE name = 'schema_version'");
-  Step version(conn, meta.get(), "reading the schema version");
-  return version.row() && version.column_int64(0) == kSchemaVersion;
+  // Both rows idem writes with the tables: the version, and the token floor (without it
+  // tokens could repeat after a purge).
+  StmtPtr meta = conn.prepare_internal(
+      "SELECT count(*), coalesce(sum(name = 'schema_version' AND value = ?1), 0) FROM idem_meta "
+      "WHERE name IN ('schema_version', 'token_floor')");
+  Step rows(conn, meta.get(), "reading the schema version");
+  rows.i64(1, kSchemaVersion);
+  return rows.row() && rows.column_int64(0) == 2 && rows.column_int64(1) == 1;
 }
 
 }  // namespace

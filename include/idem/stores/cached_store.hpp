@@ -81,7 +81,8 @@ class CachedStore final : public DedupStore {
 
   // Remembers what a miss taught: an acquired claim's fingerprint (until its completion),
   // or a done record.
-  void learn(const ClaimRequest& request, const Claim& claim, std::int64_t asked_at);
+  void learn(const ClaimRequest& request, const Claim& claim, std::int64_t asked_at,
+             std::uint64_t generation);
 
   DedupStore& inner_;
   std::string name_;
