@@ -29,6 +29,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -241,12 +242,42 @@ int race_child() {
   return errors == 0 ? 0 : 6;
 }
 
+// Claims IDEM_KEYS (comma-separated) with a lease of IDEM_LEASE_MS, signals IDEM_READY_FD, then
+// either exits at once without completing (IDEM_HOLD=crash: a holder that died) or completes
+// each key with the response "from-child-<key>" when a byte arrives on IDEM_GO_FD.
+int hold_child() {
+  PostgresStore store(
+      {.conninfo = env_or("IDEM_PG_CONNINFO", ""), .schema = env_or("IDEM_PG_SCHEMA", "idem")});
+  const std::chrono::milliseconds lease{std::stoll(env_or("IDEM_LEASE_MS", "30000"))};
+  std::vector<std::string> keys;
+  std::stringstream list(env_or("IDEM_KEYS", ""));
+  for (std::string key; std::getline(list, key, ',');) keys.push_back(key);
+  std::vector<idem::Claim> claims;
+  for (const std::string& key : keys) {
+    claims.push_back(store.claim(ClaimRequest{.key = key, .lease = lease}));
+    if (claims.back().status != ClaimStatus::acquired) return 7;
+  }
+  signal_fd(std::stoi(env_or("IDEM_READY_FD", "-1")));
+  if (env_or("IDEM_HOLD", "") == "crash") return 0;
+  const int go = std::stoi(env_or("IDEM_GO_FD", "-1"));
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    char byte = 0;
+    if (::read(go, &byte, 1) != 1) return 5;
+    if (!store.complete(
+            {.key = keys[i], .token = claims[i].token, .response = "from-child-" + keys[i]})) {
+      return 6;
+    }
+  }
+  return 0;
+}
+
 const bool kIsChild = [] {
   const char* mode = std::getenv("IDEM_PG_CHILD");
   if (mode == nullptr) return false;
   int code = 1;
   try {
-    code = std::string(mode) == "crash" ? crash_child() : race_child();
+    const std::string m = mode;
+    code = m == "crash" ? crash_child() : m == "hold" ? hold_child() : race_child();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "child %s: %s\n", mode, e.what());
     code = 2;
@@ -1187,6 +1218,287 @@ TEST(PostgresServerCrash, UnavailableMeanwhileNothingAckedWithoutARecordAndRecov
   // Every acked key (both modes) has a committed done record.
   EXPECT_EQ(raw.scalar("SELECT count(*) FROM " + schema + ".idem_keys WHERE state = 1"), 2 * keys);
   EXPECT_EQ(std::count(claim_acked.begin(), claim_acked.end(), 1), keys);
+}
+
+// --- Waiting for a held key (Options::in_progress_wait, await_change) --------------------------
+
+// Waits until `n` threads of the store wait for a notification (registered, record checked):
+// a change made from now on can only reach them as a notification.
+void wait_for_waiters(const PostgresStore& store, std::uint64_t n) {
+  const auto give_up = std::chrono::steady_clock::now() + 30s;
+  while (store.stats().waiting < n) {
+    if (std::chrono::steady_clock::now() > give_up) {
+      ADD_FAILURE() << "no waiter registered within 30 s";
+      return;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+}
+
+// The waiters' registrations (shared advisory locks of idem's wait class) on the server.
+std::int64_t wait_locks(RawDb& raw) {
+  return raw.scalar(
+      "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1768187246");
+}
+
+// A wait longer than any test: only a notification ends it in time. The counters, not the
+// clock, tell which ended it.
+constexpr auto kLongWait = 60s;
+
+TEST(PostgresWait, CompletionReleaseAndForgetWakeTheWaiterByNotification) {
+  PostgresStore store(options_for(fresh_schema()));
+  const idem::Claim done = store.claim(ClaimRequest{.key = "w-done"});
+  const idem::Claim released = store.claim(ClaimRequest{.key = "w-released"});
+  ASSERT_EQ(store.claim(ClaimRequest{.key = "w-forgotten"}).status, ClaimStatus::acquired);
+  std::vector<std::thread> waiters;
+  for (const char* key : {"w-done", "w-released", "w-forgotten"}) {
+    waiters.emplace_back([&store, key] { store.await_change(key, kLongWait); });
+  }
+  wait_for_waiters(store, 3);
+  RawDb raw(server().conninfo());
+  EXPECT_EQ(wait_locks(raw), 3);
+  EXPECT_TRUE(store.complete({.key = "w-done", .token = done.token, .response = "r-1"}));
+  EXPECT_TRUE(store.release("w-released", released.token));
+  EXPECT_TRUE(store.forget("w-forgotten"));
+  for (std::thread& t : waiters) t.join();
+  const idem::PostgresStoreStats stats = store.stats();
+  EXPECT_EQ(stats.waits_woken, 3u);
+  EXPECT_EQ(stats.waits_timed_out, 0u);
+  EXPECT_EQ(stats.wait_fallbacks, 0u);
+  EXPECT_EQ(stats.notifications, 3u);
+  EXPECT_EQ(stats.waiting, 0u);
+  EXPECT_EQ(wait_locks(raw), 0) << "the last waiter of a key drops its registration";
+  EXPECT_EQ(store.claim(ClaimRequest{.key = "w-done"}).response, "r-1");
+  EXPECT_EQ(store.claim(ClaimRequest{.key = "w-released"}).status, ClaimStatus::acquired);
+}
+
+// Commits NOTIFY only while someone waits for the key: a plain LISTEN on the channel hears
+// nothing of the completions nobody waits for.
+TEST(PostgresWait, OnlyKeysAWaiterRegisteredForAreAnnounced) {
+  const std::string schema = fresh_schema();
+  PostgresStore store(options_for(schema));
+  RawDb listener(server().conninfo());
+  listener.exec("LISTEN \"idem_wait_" + schema + "\"");
+  auto heard = [&] {
+    int n = 0;
+    PQconsumeInput(listener.get());
+    while (PGnotify* note = PQnotifies(listener.get())) {
+      ++n;
+      PQfreemem(note);
+    }
+    return n;
+  };
+  for (int i = 0; i < 20; ++i) {
+    const std::string key = "quiet-" + std::to_string(i);
+    const idem::Claim c = store.claim(ClaimRequest{.key = key});
+    ASSERT_TRUE(i % 2 == 0 ? store.complete({.key = key, .token = c.token})
+                           : store.release(key, c.token));
+  }
+  ASSERT_TRUE(store.forget("quiet-0"));
+  RawDb raw(server().conninfo());
+  (void)raw.scalar("SELECT 1");  // a round trip after the commits: their NOTIFYs would be in
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(heard(), 0);
+  const idem::Claim waited = store.claim(ClaimRequest{.key = "loud"});
+  std::thread waiter([&] { store.await_change("loud", kLongWait); });
+  wait_for_waiters(store, 1);
+  ASSERT_TRUE(store.complete({.key = "loud", .token = waited.token}));
+  waiter.join();
+  pollfd fd{PQsocket(listener.get()), POLLIN, 0};
+  ASSERT_EQ(::poll(&fd, 1, 30'000), 1);
+  EXPECT_EQ(heard(), 1);
+  EXPECT_EQ(store.stats().waits_woken, 1u);
+}
+
+TEST(PostgresWait, AKeyAlreadySettledIsSeenOnceRegistered) {
+  PostgresStore store(options_for(fresh_schema()));
+  const idem::Claim c = store.claim(ClaimRequest{.key = "s-1"});
+  ASSERT_TRUE(store.complete({.key = "s-1", .token = c.token}));
+  store.await_change("s-1", kLongWait);     // done
+  store.await_change("absent", kLongWait);  // no record
+  ASSERT_EQ(store.claim(ClaimRequest{.key = "s-2", .lease = 50ms}).status, ClaimStatus::acquired);
+  std::this_thread::sleep_for(100ms);
+  store.await_change("s-2", kLongWait);  // lease over: the next claim takes it over
+  EXPECT_EQ(store.stats().waits_settled, 3u);
+  EXPECT_EQ(store.stats().waits_woken, 0u);
+}
+
+TEST(PostgresWait, AWaitingConsumerGetsTheCompletedResponseAsADuplicate) {
+  PostgresStore store(options_for(fresh_schema()));
+  const idem::Claim holder = store.claim(ClaimRequest{.key = "d-1"});
+  std::atomic<int> runs{0};
+  IdempotentConsumer second(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = kLongWait});
+  Result result;
+  std::thread waiter([&] { result = second.consume({.key = "d-1", .payload = "p"}); });
+  wait_for_waiters(store, 1);
+  EXPECT_TRUE(store.complete({.key = "d-1", .token = holder.token, .response = "card-7"}));
+  waiter.join();
+  EXPECT_EQ(result.outcome, Outcome::duplicate);
+  EXPECT_EQ(result.response, "card-7");
+  EXPECT_EQ(runs, 0);
+}
+
+TEST(PostgresWait, AWaitingConsumerProcessesAKeyItsHolderReleased) {
+  PostgresStore store(options_for(fresh_schema()));
+  const idem::Claim holder = store.claim(ClaimRequest{.key = "r-1"});
+  std::atomic<int> runs{0};
+  IdempotentConsumer second(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = kLongWait});
+  Result result;
+  std::thread waiter([&] { result = second.consume({.key = "r-1", .payload = "p"}); });
+  wait_for_waiters(store, 1);
+  EXPECT_TRUE(store.release("r-1", holder.token));  // its handler failed
+  waiter.join();
+  EXPECT_EQ(result.outcome, Outcome::processed);
+  EXPECT_GT(result.fencing_token, holder.token);
+  EXPECT_EQ(runs, 1);
+}
+
+TEST(PostgresWait, TheWaitRunsOutCleanly) {
+  PostgresStore store(options_for(fresh_schema()));
+  ASSERT_EQ(store.claim(ClaimRequest{.key = "o-1"}).status, ClaimStatus::acquired);
+  std::atomic<int> runs{0};
+  IdempotentConsumer second(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 300ms});
+  EXPECT_EQ(second.consume({.key = "o-1", .payload = "p"}).outcome, Outcome::in_progress);
+  EXPECT_EQ(runs, 0);
+  const idem::PostgresStoreStats stats = store.stats();
+  EXPECT_GE(stats.waits_timed_out, 1u);
+  EXPECT_EQ(stats.waits_woken, 0u);
+  EXPECT_EQ(stats.wait_fallbacks, 0u);
+  EXPECT_EQ(stats.waiting, 0u);
+  RawDb raw(server().conninfo());
+  EXPECT_EQ(wait_locks(raw), 0);
+}
+
+// The change races the registration (the waiter does not wait to be registered first): a
+// change whose probe ran before the registration is found by the check (FOR SHARE waits for
+// its commit), a later one is announced. None is missed: no wait runs out its long max_wait.
+TEST(PostgresWait, AChangeRacingTheRegistrationIsNeverMissed) {
+  PostgresStore store(options_for(fresh_schema()));
+  const int rounds = kSanitized ? 40 : 150;
+  for (int i = 0; i < rounds; ++i) {
+    const std::string key = "race-" + std::to_string(i);
+    const idem::Claim c = store.claim(ClaimRequest{.key = key});
+    ASSERT_EQ(c.status, ClaimStatus::acquired);
+    std::thread waiter([&] { store.await_change(key, kLongWait); });
+    if (i % 3 == 2) std::this_thread::sleep_for(std::chrono::microseconds(100 * (i % 7)));
+    if (i % 2 == 0) {
+      ASSERT_TRUE(store.complete({.key = key, .token = c.token}));
+    } else {
+      ASSERT_TRUE(store.release(key, c.token));
+    }
+    waiter.join();
+  }
+  const idem::PostgresStoreStats stats = store.stats();
+  EXPECT_EQ(stats.waits_timed_out, 0u);
+  EXPECT_EQ(stats.wait_fallbacks, 0u);
+  EXPECT_EQ(stats.waits_woken + stats.waits_settled, static_cast<std::uint64_t>(rounds));
+  std::printf("[          ] %llu woken by a notification, %llu found settled by the check\n",
+              static_cast<unsigned long long>(stats.waits_woken),
+              static_cast<unsigned long long>(stats.waits_settled));
+}
+
+// The listening connection lies idle between waits; one the server closed meanwhile is
+// noticed by the next wait, which listens and registers on a fresh one.
+TEST(PostgresWait, AListeningConnectionTheServerClosedIsReplaced) {
+  PostgresStore store(options_for(fresh_schema()));
+  auto woken_by_completion = [&](const std::string& key) {
+    const idem::Claim c = store.claim(ClaimRequest{.key = key});
+    ASSERT_EQ(c.status, ClaimStatus::acquired);
+    std::thread waiter([&] { store.await_change(key, kLongWait); });
+    wait_for_waiters(store, 1);
+    EXPECT_TRUE(store.complete({.key = key, .token = c.token}));
+    waiter.join();
+  };
+  woken_by_completion("x-1");
+  RawDb raw(server().conninfo());
+  const std::string listeners =
+      "FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE "
+      "'%pg_advisory_unlock_shared%'";
+  ASSERT_EQ(raw.scalar("SELECT count(*) " + listeners), 1);
+  raw.exec("SELECT pg_terminate_backend(pid) " + listeners);
+  const auto give_up = std::chrono::steady_clock::now() + 30s;
+  while (raw.scalar("SELECT count(*) " + listeners) != 0 &&
+         std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(5ms);
+  }
+  woken_by_completion("x-2");
+  EXPECT_EQ(store.stats().waits_woken, 2u);
+  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+}
+
+// Two processes: the holder is another process; the waiter hears of its completion.
+TEST(PostgresWait, AWaiterInAnotherProcessIsWokenByTheHoldersCompletion) {
+  const std::string schema = fresh_schema();
+  PostgresStore store(options_for(schema));
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = spawn_child({{"IDEM_PG_CHILD", "hold"},
+                                 {"IDEM_PG_CONNINFO", server().conninfo()},
+                                 {"IDEM_PG_SCHEMA", schema},
+                                 {"IDEM_KEYS", "p-a,p-b"},
+                                 {"IDEM_READY_FD", std::to_string(ready[1])},
+                                 {"IDEM_GO_FD", std::to_string(go[0])}});
+  ::close(ready[1]);
+  ::close(go[0]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the holder process died";
+  // The store's own wait: the completion in the other process ends it.
+  std::thread waiter([&] { store.await_change("p-a", kLongWait); });
+  wait_for_waiters(store, 1);
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  waiter.join();
+  EXPECT_EQ(store.stats().waits_woken, 1u);
+  EXPECT_EQ(store.stats().waits_timed_out, 0u);
+  // A consumer's wait: the duplicate carries the other process's response.
+  std::atomic<int> runs{0};
+  IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = kLongWait});
+  Result result;
+  std::thread consuming([&] { result = consumer.consume({.key = "p-b", .payload = "p"}); });
+  wait_for_waiters(store, 1);
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  consuming.join();
+  EXPECT_EQ(result.outcome, Outcome::duplicate);
+  EXPECT_EQ(result.response, "from-child-p-b");
+  EXPECT_EQ(runs, 0);
+  EXPECT_EQ(store.claim(ClaimRequest{.key = "p-a"}).response, "from-child-p-a");
+  EXPECT_EQ(wait_exit_code(pid), 0);
+  ::close(ready[0]);
+  ::close(go[1]);
+}
+
+// The holder process dies without completing or releasing: nothing is announced, the waiter
+// keeps asking and takes the key over once the lease has ended.
+TEST(PostgresWait, AWaiterTakesOverFromACrashedHolderProcessAfterTheLease) {
+  const std::string schema = fresh_schema();
+  PostgresStore store(options_for(schema));
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t pid = spawn_child({{"IDEM_PG_CHILD", "hold"},
+                                 {"IDEM_PG_CONNINFO", server().conninfo()},
+                                 {"IDEM_PG_SCHEMA", schema},
+                                 {"IDEM_KEYS", "c-1"},
+                                 {"IDEM_LEASE_MS", "500"},
+                                 {"IDEM_HOLD", "crash"},
+                                 {"IDEM_READY_FD", std::to_string(ready[1])}});
+  ::close(ready[1]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the holder process died before its claim";
+  ASSERT_EQ(wait_exit_code(pid), 0);
+  std::atomic<int> runs{0};
+  IdempotentConsumer consumer(
+      store, [&](const Message&) -> std::string { return "taken-over-" + std::to_string(++runs); },
+      idem::Options{.lease = 500ms, .in_progress_wait = kLongWait});
+  const Result result = consumer.consume({.key = "c-1", .payload = "p"});
+  EXPECT_EQ(result.outcome, Outcome::processed);
+  EXPECT_EQ(runs, 1);
+  EXPECT_EQ(store.claim(ClaimRequest{.key = "c-1"}).response, "taken-over-1");
+  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  ::close(ready[0]);
 }
 
 // --- Real processes ----------------------------------------------------------------------------

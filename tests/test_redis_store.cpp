@@ -3,9 +3,13 @@
 #include <gtest/gtest.h>
 #include <hiredis/hiredis.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <iterator>
@@ -576,6 +580,308 @@ TEST(RedisStoreBadInput, ExhaustedPoolSaysWhichOptionToRaise) {
     EXPECT_NE(what.find("RedisOptions::pool_size"), std::string::npos) << what;
   });
   EXPECT_EQ(store.claim(request("k")).status, ClaimStatus::acquired);
+}
+
+// --- Waiting for a held key (Options::in_progress_wait, await_change) ------------------------
+
+// Waits until `n` threads of the store wait for a notification (subscribed, record checked):
+// a change made from now on can only reach them as a notification.
+void wait_for_waiters(const RedisStore& store, std::uint64_t n) {
+  const auto give_up = std::chrono::steady_clock::now() + 30s;
+  while (store.stats().waiting < n) {
+    if (std::chrono::steady_clock::now() > give_up) {
+      ADD_FAILURE() << "no waiter subscribed within 30 s";
+      return;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+}
+
+// Subscribers of the key's notification channel, as the server counts them.
+long long channel_subscribers(RedisStore& store, std::string_view key) {
+  const std::string channel = store.notification_channel(key);
+  long long n = -1;
+  store.with_connection(store.record_key(key), [&](redisContext* c) {
+    auto* r = static_cast<redisReply*>(
+        redisCommand(c, "PUBSUB SHARDNUMSUB %b", channel.data(), channel.size()));
+    ASSERT_NE(r, nullptr);
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 2) n = r->element[1]->integer;
+    freeReplyObject(r);
+  });
+  return n;
+}
+
+// A wait longer than any test: only a notification ends it in time. The counters, not the
+// clock, tell which ended it.
+constexpr auto kLongWait = 60s;
+
+TEST(RedisStoreWait, CompletionReleaseAndForgetWakeTheWaiterByNotification) {
+  RedisStore store(options_for(shared_server().port(), "wake"));
+  const idem::Claim done = store.claim(request("w-done"));
+  const idem::Claim released = store.claim(request("w-released"));
+  const idem::Claim forgotten = store.claim(request("w-forgotten"));
+  ASSERT_EQ(done.status, ClaimStatus::acquired);
+  std::vector<std::thread> waiters;
+  for (const char* key : {"w-done", "w-released", "w-forgotten"}) {
+    waiters.emplace_back([&store, key] { store.await_change(key, kLongWait); });
+  }
+  wait_for_waiters(store, 3);
+  EXPECT_EQ(channel_subscribers(store, "w-done"), 1) << "one connection for all waiters";
+  EXPECT_TRUE(store.complete({.key = "w-done", .token = done.token, .response = "r-1"}));
+  EXPECT_TRUE(store.release("w-released", released.token));
+  EXPECT_TRUE(store.forget("w-forgotten"));
+  for (std::thread& t : waiters) t.join();
+  const idem::RedisStoreStats stats = store.stats();
+  EXPECT_EQ(stats.waits_woken, 3u);
+  EXPECT_EQ(stats.waits_timed_out, 0u);
+  EXPECT_EQ(stats.wait_fallbacks, 0u);
+  EXPECT_GE(stats.notifications, 3u);
+  EXPECT_EQ(stats.waiting, 0u);
+  EXPECT_EQ(store.claim(request("w-done")).response, "r-1");
+  EXPECT_EQ(store.claim(request("w-released")).status, ClaimStatus::acquired);
+  (void)forgotten;
+}
+
+TEST(RedisStoreWait, AKeyAlreadySettledIsSeenOnceSubscribed) {
+  RedisStore store(options_for(shared_server().port(), "settled"));
+  const idem::Claim c = store.claim(request("s-1"));
+  ASSERT_TRUE(store.complete({.key = "s-1", .token = c.token}));
+  store.await_change("s-1", kLongWait);     // done
+  store.await_change("absent", kLongWait);  // no record
+  const idem::Claim expired = store.claim(request("s-2", 50ms));
+  ASSERT_EQ(expired.status, ClaimStatus::acquired);
+  std::this_thread::sleep_for(100ms);
+  store.await_change("s-2", kLongWait);  // lease over: the next claim takes it over
+  EXPECT_EQ(store.stats().waits_settled, 3u);
+  EXPECT_EQ(store.stats().waits_woken, 0u);
+}
+
+TEST(RedisStoreWait, AWaitingConsumerGetsTheCompletedResponseAsADuplicate) {
+  RedisStore store(options_for(shared_server().port(), "dup"));
+  const idem::Claim holder = store.claim(request("d-1"));
+  std::atomic<int> runs{0};
+  idem::IdempotentConsumer second(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = kLongWait});
+  idem::Result result;
+  std::thread waiter([&] { result = second.consume({.key = "d-1", .payload = "p"}); });
+  wait_for_waiters(store, 1);
+  EXPECT_TRUE(store.complete({.key = "d-1", .token = holder.token, .response = "card-7"}));
+  waiter.join();
+  EXPECT_EQ(result.outcome, Outcome::duplicate);
+  EXPECT_EQ(result.response, "card-7");
+  EXPECT_EQ(runs, 0);
+}
+
+TEST(RedisStoreWait, AWaitingConsumerProcessesAKeyItsHolderReleased) {
+  RedisStore store(options_for(shared_server().port(), "rel"));
+  const idem::Claim holder = store.claim(request("r-1"));
+  std::atomic<int> runs{0};
+  idem::IdempotentConsumer second(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = kLongWait});
+  idem::Result result;
+  std::thread waiter([&] { result = second.consume({.key = "r-1", .payload = "p"}); });
+  wait_for_waiters(store, 1);
+  EXPECT_TRUE(store.release("r-1", holder.token));  // its handler failed
+  waiter.join();
+  EXPECT_EQ(result.outcome, Outcome::processed);
+  EXPECT_GT(result.fencing_token, holder.token);
+  EXPECT_EQ(runs, 1);
+}
+
+TEST(RedisStoreWait, TheWaitRunsOutCleanly) {
+  RedisStore store(options_for(shared_server().port(), "out"));
+  ASSERT_EQ(store.claim(request("o-1")).status, ClaimStatus::acquired);  // never completed
+  std::atomic<int> runs{0};
+  idem::IdempotentConsumer second(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 300ms});
+  EXPECT_EQ(second.consume({.key = "o-1", .payload = "p"}).outcome, Outcome::in_progress);
+  EXPECT_EQ(runs, 0);
+  const idem::RedisStoreStats stats = store.stats();
+  EXPECT_GE(stats.waits_timed_out, 1u);
+  EXPECT_EQ(stats.waits_woken, 0u);
+  EXPECT_EQ(stats.wait_fallbacks, 0u);
+  EXPECT_EQ(stats.waiting, 0u);
+  // The last waiter unsubscribed: the server sends that channel to nobody any more.
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (channel_subscribers(store, "o-1") != 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(channel_subscribers(store, "o-1"), 0);
+}
+
+// A user who may not publish or subscribe on the store's channels still completes (the
+// scripts publish with redis.pcall); its waiters only pause.
+TEST(RedisStoreWait, WithoutChannelPermissionsCompletionsWorkAndWaitsPause) {
+  RedisServer server;
+  ASSERT_NE(server.cli("ACL SETUSER nochan on '>pw' '~*' '+@all' resetchannels").find("OK"),
+            std::string::npos);
+  RedisOptions o = options_for(server.port(), "acl");
+  o.user = "nochan";
+  o.password = "pw";
+  RedisStore store(o);
+  const idem::Claim c = store.claim(request("a-1"));
+  ASSERT_EQ(c.status, ClaimStatus::acquired);
+  store.await_change("a-1", 50ms);
+  EXPECT_EQ(store.stats().wait_fallbacks, 1u);
+  EXPECT_TRUE(store.complete({.key = "a-1", .token = c.token, .response = "r"}));
+  EXPECT_EQ(store.claim(request("a-1")).response, "r");
+  const idem::Claim other = store.claim(request("a-2"));
+  EXPECT_TRUE(store.release("a-2", other.token));
+  EXPECT_FALSE(store.forget("a-2"));
+  EXPECT_TRUE(store.forget("a-1"));
+}
+
+// The change races the subscription (the waiter does not wait to be subscribed first): a
+// change before the subscription is found by the check, a later one is announced. None is
+// missed: no wait runs out its long max_wait.
+TEST(RedisStoreWait, AChangeRacingTheSubscriptionIsNeverMissed) {
+  RedisStore store(options_for(shared_server().port(), "race"));
+  const int rounds = kSanitized ? 60 : 300;
+  for (int i = 0; i < rounds; ++i) {
+    const std::string key = "race-" + std::to_string(i);
+    const idem::Claim c = store.claim(request(key));
+    ASSERT_EQ(c.status, ClaimStatus::acquired);
+    std::thread waiter([&] { store.await_change(key, kLongWait); });
+    if (i % 3 == 2) std::this_thread::sleep_for(std::chrono::microseconds(50 * (i % 7)));
+    if (i % 2 == 0) {
+      ASSERT_TRUE(store.complete({.key = key, .token = c.token}));
+    } else {
+      ASSERT_TRUE(store.release(key, c.token));
+    }
+    waiter.join();
+  }
+  const idem::RedisStoreStats stats = store.stats();
+  EXPECT_EQ(stats.waits_timed_out, 0u);
+  EXPECT_EQ(stats.wait_fallbacks, 0u);
+  EXPECT_EQ(stats.waits_woken + stats.waits_settled, static_cast<std::uint64_t>(rounds));
+  std::printf("[          ] %llu woken by a notification, %llu found settled by the check\n",
+              static_cast<unsigned long long>(stats.waits_woken),
+              static_cast<unsigned long long>(stats.waits_settled));
+}
+
+// The subscriber connection lies idle between waits; a restarted server has closed it. The
+// next wait notices before relying on it and subscribes on a fresh one.
+TEST(RedisStoreWait, AServerRestartedBetweenWaitsIsNoticedAndWaitsAreWokenAgain) {
+  RedisServer server;
+  RedisStore store(options_for(server.port(), "restart"));
+  auto woken_by_completion = [&](const std::string& key) {
+    idem::Claim c;
+    for (int attempt = 0; attempt < 50; ++attempt) {  // the pool's first call may fail
+      try {
+        c = store.claim(request(key));
+        break;
+      } catch (const idem::StoreUnavailable&) {
+        std::this_thread::sleep_for(50ms);
+      }
+    }
+    ASSERT_EQ(c.status, ClaimStatus::acquired);
+    std::thread waiter([&] { store.await_change(key, kLongWait); });
+    wait_for_waiters(store, 1);
+    EXPECT_TRUE(store.complete({.key = key, .token = c.token}));
+    waiter.join();
+  };
+  woken_by_completion("x-1");
+  server.stop();
+  server.start();
+  woken_by_completion("x-2");
+  EXPECT_EQ(store.stats().waits_woken, 2u);
+  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+}
+
+// Two processes: the holder is another process; the waiter hears of its completion.
+TEST(RedisStoreWait, AWaiterInAnotherProcessIsWokenByTheHoldersCompletion) {
+  const std::string prefix = unique_prefix("procs");
+  // Started before fork(): a server first used in the child would be the child's alone.
+  const int port = shared_server().port();
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {  // the holder: claims both keys, completes each when told to
+    int code = 0;
+    try {
+      RedisStore store(RedisOptions{.port = port, .key_prefix = prefix});
+      const idem::Claim a = store.claim(request("p-a"));
+      const idem::Claim b = store.claim(request("p-b"));
+      if (a.status != ClaimStatus::acquired || b.status != ClaimStatus::acquired) ::_exit(3);
+      if (::write(ready[1], "r", 1) != 1) ::_exit(4);
+      char byte = 0;
+      if (::read(go[0], &byte, 1) != 1) ::_exit(5);
+      if (!store.complete({.key = "p-a", .token = a.token, .response = "from-child-a"})) code = 6;
+      if (::read(go[0], &byte, 1) != 1) ::_exit(5);
+      if (!store.complete({.key = "p-b", .token = b.token, .response = "from-child-b"})) code = 6;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "holder process failed: %s\n", e.what());
+      code = 1;
+    }
+    ::_exit(code);
+  }
+  ::close(ready[1]);
+  ::close(go[0]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the holder process died";
+  RedisStore store(RedisOptions{.port = port, .key_prefix = prefix});
+  // The store's own wait: the completion in the other process ends it.
+  std::thread waiter([&] { store.await_change("p-a", kLongWait); });
+  wait_for_waiters(store, 1);
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  waiter.join();
+  EXPECT_EQ(store.stats().waits_woken, 1u);
+  EXPECT_EQ(store.stats().waits_timed_out, 0u);
+  // A consumer's wait: the duplicate carries the other process's response.
+  std::atomic<int> runs{0};
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = kLongWait});
+  idem::Result result;
+  std::thread consuming([&] { result = consumer.consume({.key = "p-b", .payload = "p"}); });
+  wait_for_waiters(store, 1);
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  consuming.join();
+  EXPECT_EQ(result.outcome, Outcome::duplicate);
+  EXPECT_EQ(result.response, "from-child-b");
+  EXPECT_EQ(runs, 0);
+  EXPECT_EQ(store.claim(request("p-a")).response, "from-child-a");
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  ::close(ready[0]);
+  ::close(go[1]);
+}
+
+// The holder process dies without completing or releasing: nothing is announced, the waiter
+// keeps asking and takes the key over once the lease has ended.
+TEST(RedisStoreWait, AWaiterTakesOverFromACrashedHolderProcessAfterTheLease) {
+  const std::string prefix = unique_prefix("crash");
+  // Started before fork(): a server first used in the child would be the child's alone.
+  const int port = shared_server().port();
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    RedisStore store(RedisOptions{.port = port, .key_prefix = prefix});
+    const bool ok = store.claim(request("c-1", 500ms)).status == ClaimStatus::acquired;
+    (void)!::write(ready[1], ok ? "r" : "x", 1);
+    ::_exit(0);  // crashes mid-handler, as far as the store can tell
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  ASSERT_EQ(byte, 'r');
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  RedisStore store(RedisOptions{.port = port, .key_prefix = prefix});
+  std::atomic<int> runs{0};
+  idem::IdempotentConsumer consumer(
+      store, [&](const Message&) -> std::string { return "taken-over-" + std::to_string(++runs); },
+      idem::Options{.lease = 500ms, .in_progress_wait = kLongWait});
+  const idem::Result result = consumer.consume({.key = "c-1", .payload = "p"});
+  EXPECT_EQ(result.outcome, Outcome::processed);
+  EXPECT_EQ(runs, 1);
+  EXPECT_EQ(store.claim(request("c-1")).response, "taken-over-1");
+  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  ::close(ready[0]);
 }
 
 // --- Many processes --------------------------------------------------------------------------
@@ -1232,6 +1538,43 @@ TEST(RedisStoreCluster, MasterFailoverMidRunWithWaitLosesNothing) {
   // Only a handler whose completion failed in the crash may run again (after its lease).
   EXPECT_EQ(unexplained_reruns, 0u);
   EXPECT_LE(reruns, kThreads * 50) << "at most the calls in flight at the crash";
+}
+
+// The scripts publish on shard channels of the record's own slot (same slot: allowed in a
+// cluster script), and each master's waiters listen on that master.
+TEST(RedisStoreCluster, WaitersOnEveryMasterAreWokenByNotification) {
+  RedisCluster cluster;
+  RedisOptions o = options_for(cluster.port(0), "cluster-wait");
+  o.cluster = true;
+  RedisStore store(o);
+  store.ping();
+  std::vector<std::string> keys;
+  std::vector<std::size_t> owners;
+  for (int i = 0; owners.size() < 3 && i < 1000; ++i) {
+    const std::string key = "cw-" + std::to_string(i);
+    const auto slot = static_cast<std::uint16_t>(
+        std::stoi(admin(cluster.port(0), {"CLUSTER", "KEYSLOT", store.record_key(key)})[0]));
+    const std::size_t owner = cluster.owner(slot);
+    if (std::find(owners.begin(), owners.end(), owner) == owners.end()) {
+      owners.push_back(owner);
+      keys.push_back(key);
+    }
+  }
+  ASSERT_EQ(keys.size(), 3u);
+  std::vector<idem::Claim> claims;
+  for (const std::string& key : keys) claims.push_back(store.claim(request(key)));
+  std::vector<std::thread> waiters;
+  for (const std::string& key : keys) {
+    waiters.emplace_back([&store, key] { store.await_change(key, kLongWait); });
+  }
+  wait_for_waiters(store, 3);
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    EXPECT_TRUE(store.complete({.key = keys[i], .token = claims[i].token, .response = keys[i]}));
+  }
+  for (std::thread& t : waiters) t.join();
+  EXPECT_EQ(store.stats().waits_woken, 3u);
+  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  for (const std::string& key : keys) EXPECT_EQ(store.claim(request(key)).response, key);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "connection.hpp"
+#include "idem/detail/key_hash.hpp"
 #include "store_impl.hpp"
 
 namespace idem::detail::pg {
@@ -12,6 +13,8 @@ namespace {
 // the other lets one purger run at a time.
 constexpr const char* kCreateLockClass = "1768187244";
 constexpr const char* kPurgeLockClass = "1768187245";
+// The third class: a waiter's interest in a key (object id: Statements::wait_lock_id).
+constexpr const char* kWaitLockClass = "1768187246";
 
 std::string replace_all(std::string text, std::string_view from, const std::string& to) {
   for (std::size_t pos = text.find(from); pos != std::string::npos;
@@ -27,9 +30,33 @@ constexpr const char* kPurgeRows =
     "ctid = ANY(ARRAY(SELECT ctid FROM @keys WHERE expires_at <= statement_timestamp() "
     "ORDER BY expires_at LIMIT $1::int8 FOR UPDATE SKIP LOCKED))";
 
+// A change of the record of the key whose wait hash is `h` (an int8 expression), announced
+// only when a waiter listens for it. A waiter holds the key's wait lock (shared, at session
+// level) while it waits: the probe, an exclusive try-lock released at once, fails exactly
+// then, and only then does the statement NOTIFY (NOTIFY serialises the commits that
+// notified: see docs/stores/postgres.md). The probe runs after the statement changed the row,
+// whose lock it keeps until commit: a waiter that registers after the probe finds the change
+// when it reads the row (FOR SHARE waits for that commit), one that registered before gets
+// the notification. Used as the branches of a CASE after a WHEN for "nothing changed".
+std::string announce(const std::string& h) {
+  const std::string id = "(" + h + " & 2147483647)::int4";
+  return "WHEN pg_try_advisory_lock(@wait_class, " + id +
+         ") THEN NOT pg_advisory_unlock(@wait_class, " + id + ") ELSE pg_notify('@channel', " + h +
+         "::text) IS NULL END";
+}
+
 }  // namespace
 
-Statements::Statements(const std::string& schema) : schema_(schema), quoted_('"' + schema + '"') {
+std::int64_t Statements::wait_hash(std::string_view key) const noexcept {
+  return static_cast<std::int64_t>(static_cast<std::uint64_t>(detail::key_hash(key)) ^
+                                   schema_hash_);
+}
+
+Statements::Statements(const std::string& schema)
+    : schema_(schema),
+      quoted_('"' + schema + '"'),
+      channel_(("idem_wait_" + schema).substr(0, 63)),
+      schema_hash_(static_cast<std::uint64_t>(detail::key_hash(schema)) * 0x9e3779b97f4a7c15ULL) {
   const std::string keys = table("idem_keys");
   const std::string tokens = "'" + table("idem_tokens") + "'";  // a regclass literal
   auto set = [&](Sql which, std::string sql) {
@@ -38,6 +65,8 @@ Statements::Statements(const std::string& schema) : schema_(schema), quoted_('"'
     sql = replace_all(std::move(sql), "@tokens_rel", table("idem_tokens"));
     sql = replace_all(std::move(sql), "@offsets", table("idem_offsets"));
     sql = replace_all(std::move(sql), "@purge_class", kPurgeLockClass);
+    sql = replace_all(std::move(sql), "@wait_class", kWaitLockClass);
+    sql = replace_all(std::move(sql), "@channel", channel_);  // letters, digits and _ only
     sql_[static_cast<std::size_t>(which)] = std::move(sql);
   };
 
@@ -95,12 +124,13 @@ LEFT JOIN cur ON cur.key = req.key)sql");
 
   // Completes while the token owns the key (in progress or done, expired or not). When the
   // record is gone (its lease ended and a purge deleted it, nobody took over), the key is
-  // recorded done all the same, for a token the sequence has handed out.
+  // recorded done all the same, for a token the sequence has handed out. $5: wait hashes; a
+  // completed key is announced when a waiter listens (the third column; see announce()).
   set(Sql::complete, R"sql(
 WITH req AS (
-  SELECT r.key, r.token, r.ms, r.response, r.ord
-  FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[])
-       WITH ORDINALITY AS r(key, token, ms, response, ord)
+  SELECT r.key, r.token, r.ms, r.response, r.h, r.ord
+  FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[], $5::int8[])
+       WITH ORDINALITY AS r(key, token, ms, response, h, ord)
 ), upd AS (
   UPDATE @keys AS t
   SET state = 1, expires_at = statement_timestamp() + req.ms * interval '1 millisecond',
@@ -119,11 +149,20 @@ WITH req AS (
   ON CONFLICT (key) DO NOTHING
   RETURNING t.key
 )
-SELECT req.ord, (upd.key IS NOT NULL OR ins.key IS NOT NULL)
+SELECT req.ord, (upd.key IS NOT NULL OR ins.key IS NOT NULL),
+       CASE WHEN upd.key IS NULL AND ins.key IS NULL THEN NULL )sql" +
+                         announce("req.h") + R"sql(
 FROM req LEFT JOIN upd ON upd.key = req.key LEFT JOIN ins ON ins.key = req.key)sql");
 
-  set(Sql::release, "DELETE FROM @keys WHERE key = $1::bytea AND token = $2::int8 AND state = 0");
-  set(Sql::forget, "DELETE FROM @keys WHERE key = $1::bytea");
+  // One row when the record was deleted (announced when a waiter listens).
+  set(Sql::release,
+      "WITH del AS (DELETE FROM @keys WHERE key = $1::bytea AND token = $2::int8 AND state = 0 "
+      "RETURNING key) SELECT CASE WHEN false THEN NULL " +
+          announce("$3::int8") + " FROM del");
+  set(Sql::forget,
+      "WITH del AS (DELETE FROM @keys WHERE key = $1::bytea RETURNING key) SELECT CASE WHEN "
+      "false THEN NULL " +
+          announce("$2::int8") + " FROM del");
   set(Sql::undo, "DELETE FROM @keys WHERE key = $1::bytea AND token = $2::int8");
   set(Sql::response, "UPDATE @keys SET response = $2::bytea WHERE key = $1::bytea");
   set(Sql::inspect,
@@ -150,13 +189,22 @@ FROM req LEFT JOIN upd ON upd.key = req.key LEFT JOIN ins ON ins.key = req.key)s
           kPurgeRows);
   set(Sql::purge_lock, "SELECT pg_try_advisory_lock(@purge_class, hashtext($1::text))");
   set(Sql::purge_unlock, "SELECT pg_advisory_unlock(@purge_class, hashtext($1::text))");
+  // A waiter's check, after it registered: FOR SHARE waits for a transaction that is changing
+  // the row (a completion whose probe ran before the registration) and reads the newest
+  // version; lock_timeout (lock_wait) bounds the wait for a long one (an inbox transaction).
+  set(Sql::held,
+      "SELECT state = 0 AND expires_at > statement_timestamp() FROM @keys WHERE key = $1::bytea "
+      "FOR SHARE");
+  set(Sql::wait_lock, "SELECT pg_advisory_lock_shared(@wait_class, $1::int4)");
+  set(Sql::wait_unlock, "SELECT pg_advisory_unlock_shared(@wait_class, $1::int4)");
 }
 
 const char* Statements::name(Sql which) noexcept {
   static constexpr const char* kNames[kSqlCount] = {
       "idem_claim",      "idem_complete",    "idem_release",    "idem_forget",       "idem_undo",
       "idem_response",   "idem_inspect",     "idem_stats",      "idem_save_offsets", "idem_offsets",
-      "idem_purge_step", "idem_purge_gated", "idem_purge_lock", "idem_purge_unlock"};
+      "idem_purge_step", "idem_purge_gated", "idem_purge_lock", "idem_purge_unlock", "idem_held",
+      "idem_wait_lock",  "idem_wait_unlock"};
   return kNames[static_cast<std::size_t>(which)];
 }
 

@@ -13,9 +13,9 @@ namespace idem::detail::pg {
 /// idem's statements, prepared on every connection under the names "idem_<n>".
 enum class Sql : std::size_t {
   claim,         // set-based claim; see schema.cpp
-  complete,      // set-based completion
-  release,       // $1 key, $2 token
-  forget,        // $1 key
+  complete,      // set-based completion (announces completed keys a waiter listens for)
+  release,       // $1 key, $2 token, $3 wait hash (announced when a waiter listens)
+  forget,        // $1 key, $2 wait hash (announced when a waiter listens)
   undo,          // $1 key, $2 token: drops a failed inbox message's record
   response,      // $1 key, $2 response (the inbox's own record)
   inspect,       // $1 key
@@ -26,6 +26,9 @@ enum class Sql : std::size_t {
   purge_gated,   // $1 limit: one step if no other session holds the purge lock
   purge_lock,    // pg_try_advisory_lock
   purge_unlock,  // pg_advisory_unlock
+  held,          // $1 key: in progress with a live lease? (FOR SHARE: waits for a writer)
+  wait_lock,     // $1 wait lock id: a waiter's interest (a shared session advisory lock)
+  wait_unlock,   // $1 wait lock id
   count_
 };
 
@@ -51,6 +54,14 @@ class Statements {
   std::string table(std::string_view name) const { return quoted_ + "." + std::string(name); }
   /// The schema name unquoted (bound as a parameter, e.g. to hashtext()).
   const std::string& schema_name() const noexcept { return schema_; }
+  /// The NOTIFY channel of this schema's waiters ("idem_wait_<schema>", at most 63 bytes).
+  const std::string& channel() const noexcept { return channel_; }
+  /// The hash a waiter for key registers and listens for: XXH3-64 of the key mixed with the
+  /// schema's. Its low 31 bits are the wait lock id; the notification's payload is its decimal.
+  std::int64_t wait_hash(std::string_view key) const noexcept;
+  static std::int32_t wait_lock_id(std::int64_t hash) noexcept {
+    return static_cast<std::int32_t>(hash & 0x7fffffff);
+  }
 
   /// Creates what is missing (run inside the creation lock).
   std::string create_script() const;
@@ -58,6 +69,8 @@ class Statements {
  private:
   std::string schema_;
   std::string quoted_;
+  std::string channel_;
+  std::uint64_t schema_hash_ = 0;
   std::array<std::string, kSqlCount> sql_;
 };
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <thread>
 #include <unordered_map>
 
 #include "inbox.hpp"
@@ -210,8 +211,8 @@ PostgresStore::Impl::Impl(PostgresOptions opts)
           options.connect_timeout, options.statement_timeout,
           options.lock_wait,       &statements},
       pool(settings, options.pool_size, options.reconnect_backoff),
-      next_purge_ns(
-          (detail::pg::Clock::now() + options.purge_interval).time_since_epoch().count()) {
+      next_purge_ns((detail::pg::Clock::now() + options.purge_interval).time_since_epoch().count()),
+      listener(settings, options.reconnect_backoff, wait_counters) {
   std::unique_ptr<Connection> conn = Connection::open(settings);
   detail::pg::ensure_schema(*conn);
   conn->prepare_statements();
@@ -308,10 +309,11 @@ namespace {
 void complete_distinct(Connection& conn, std::span<const Completion> completions,
                        const std::vector<std::size_t>& indexes, std::vector<bool>& done) {
   ArrayWriter keys(detail::pg::kBytea), tokens(detail::pg::kInt8), spans(detail::pg::kInt8),
-      responses(detail::pg::kBytea);
+      responses(detail::pg::kBytea), hashes(detail::pg::kInt8);
   for (std::size_t i : indexes) {
     const Completion& c = completions[i];
     keys.bytes(c.key);
+    hashes.int8(conn.statements().wait_hash(c.key));
     tokens.int8(static_cast<std::int64_t>(c.token));
     spans.int8(std::clamp(c.retention, std::chrono::milliseconds{1}, kMaxDuration).count());
     if (c.response) {
@@ -324,7 +326,8 @@ void complete_distinct(Connection& conn, std::span<const Completion> completions
   params.array(detail::pg::kByteaArray, keys.finish())
       .array(detail::pg::kInt8Array, tokens.finish())
       .array(detail::pg::kInt8Array, spans.finish())
-      .array(detail::pg::kByteaArray, responses.finish());
+      .array(detail::pg::kByteaArray, responses.finish())
+      .array(detail::pg::kInt8Array, hashes.finish());
   ResultPtr result = conn.run(Statement::of(conn.statements(), Sql::complete), params,
                               "recording the key as done", conn.idem_deadline());
   if (PQresultStatus(result.get()) != PGRES_TUPLES_OK) {
@@ -376,10 +379,10 @@ std::vector<bool> PostgresStore::do_complete_batch(std::span<const Completion> c
 bool PostgresStore::do_release(std::string_view key, std::uint64_t token) {
   detail::pg::Lease conn = impl_->pool.acquire();
   Params params;
-  params.bytea(key).int8(static_cast<std::int64_t>(token));
+  params.bytea(key).int8(static_cast<std::int64_t>(token)).int8(impl_->statements.wait_hash(key));
   ResultPtr result = conn->run(Statement::of(impl_->statements, Sql::release), params,
                                "releasing the claim", conn->idem_deadline());
-  if (PQresultStatus(result.get()) != PGRES_COMMAND_OK) {
+  if (PQresultStatus(result.get()) != PGRES_TUPLES_OK) {
     // Held by another transaction: that one took the key over, so this token lost it.
     if (detail::pg::contended(result.get())) return false;
     if (detail::pg::unavailable_state(conn->get(), detail::pg::sqlstate_of(result.get()))) {
@@ -387,15 +390,84 @@ bool PostgresStore::do_release(std::string_view key, std::uint64_t token) {
     }
     detail::pg::throw_idem_error(conn->target(), "releasing the claim", conn->get(), result.get());
   }
-  return detail::pg::affected_rows(result.get()) == 1;
+  return PQntuples(result.get()) == 1;  // a row per deleted record
 }
 
 bool PostgresStore::do_forget(std::string_view key) {
   detail::pg::Lease conn = impl_->pool.acquire();
   Params params;
-  params.bytea(key);
+  params.bytea(key).int8(impl_->statements.wait_hash(key));
   ResultPtr result = conn->run_ok(Sql::forget, params, "forgetting the key");
-  return detail::pg::affected_rows(result.get()) > 0;
+  return PQntuples(result.get()) > 0;
+}
+
+// --- Waiting for a held key ------------------------------------------------------------------
+
+bool PostgresStore::Impl::still_held(std::string_view key) {
+  detail::pg::Lease conn = pool.acquire();
+  Params params;
+  params.bytea(key);
+  ResultPtr result = conn->run(Statement::of(statements, Sql::held), params, "checking a held key",
+                               conn->idem_deadline());
+  if (PQresultStatus(result.get()) != PGRES_TUPLES_OK) {
+    if (detail::pg::contended(result.get())) return true;
+    if (detail::pg::unavailable_state(conn->get(), detail::pg::sqlstate_of(result.get()))) {
+      conn->mark_broken();
+    }
+    detail::pg::throw_idem_error(conn->target(), "checking a held key", conn->get(), result.get());
+  }
+  return PQntuples(result.get()) == 1 && detail::pg::get_bool(result.get(), 0, 0);
+}
+
+void PostgresStore::do_await_change(std::string_view key, std::chrono::milliseconds max_wait) {
+  using Listener = detail::pg::Listener;
+  detail::pg::WaitCounters& counters = impl_->wait_counters;
+  const auto deadline = detail::pg::Clock::now() + max_wait;
+  Listener::Status status = Listener::Status::unavailable;
+  {
+    Listener::Waiter waiter(impl_->listener, impl_->statements.wait_hash(key));
+    status = waiter.register_interest(deadline);
+    if (status == Listener::Status::registered) {
+      bool held = true;
+      try {
+        held = impl_->still_held(key);
+      } catch (const Error&) {  // the caller's next call reports it
+        counters.wait_fallbacks.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      if (!held) {
+        counters.waits_settled.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      counters.waiting.fetch_add(1, std::memory_order_relaxed);
+      status = waiter.await_notification(deadline);
+      counters.waiting.fetch_sub(1, std::memory_order_relaxed);
+      if (status == Listener::Status::notified) {
+        counters.waits_woken.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+  }
+  if (status == Listener::Status::timed_out) {
+    counters.waits_timed_out.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  // No connection (pause, as a store without notifications would), or it was lost meanwhile
+  // (return: the caller asks again at once).
+  counters.wait_fallbacks.fetch_add(1, std::memory_order_relaxed);
+  if (status == Listener::Status::unavailable) std::this_thread::sleep_until(deadline);
+}
+
+PostgresStoreStats PostgresStore::stats() const {
+  const detail::pg::WaitCounters& c = impl_->wait_counters;
+  return PostgresStoreStats{
+      .notifications = c.notifications.load(std::memory_order_relaxed),
+      .waits_woken = c.waits_woken.load(std::memory_order_relaxed),
+      .waits_settled = c.waits_settled.load(std::memory_order_relaxed),
+      .waits_timed_out = c.waits_timed_out.load(std::memory_order_relaxed),
+      .wait_fallbacks = c.wait_fallbacks.load(std::memory_order_relaxed),
+      .waiting = c.waiting.load(std::memory_order_relaxed),
+  };
 }
 
 // --- Operators -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 
 #include "connection.hpp"
 #include "idem/stores/postgres_store.hpp"
+#include "listener.hpp"
 #include "statements.hpp"
 
 namespace idem::detail::pg {
@@ -63,11 +64,19 @@ struct PostgresStore::Impl {
   /// the caller's connection; errors are left for the next one).
   void maybe_purge(detail::pg::Connection& conn) noexcept;
 
+  /// await_change's check, after the waiter registered: is the key's record still in progress
+  /// with a live lease? FOR SHARE waits for a transaction changing the row and reads its
+  /// result; a row another open transaction keeps past lock_wait (an inbox transaction)
+  /// counts as held. @throws PostgresUnavailable
+  bool still_held(std::string_view key);
+
   PostgresOptions options;
   detail::pg::Statements statements;
   detail::pg::Settings settings;
   detail::pg::Pool pool;
   std::atomic<std::int64_t> next_purge_ns;  // steady clock
+  detail::pg::WaitCounters wait_counters;
+  detail::pg::Listener listener;  // await_change's connection, opened on the first wait
 };
 
 }  // namespace idem

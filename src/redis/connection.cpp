@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <string>
@@ -130,13 +131,17 @@ end
 return out
 )lua";
 
-// KEYS: records. ARGV per key: token, retention ms, has response ('0'/'1'), response.
+// KEYS: records. ARGV per key: token, retention ms, has response ('0'/'1'), response, channel.
 // Reply: array of 1 (completed) / 0 (the token no longer owns the key).
+// A completed key is announced on its channel (empty: the server has no SPUBLISH) with the
+// record's key as message, for waiters (RedisStore::await_change). redis.pcall: a user
+// without the right to publish there still completes; its waiters then ask again after pauses.
 const std::string_view Scripts::complete = R"lua(
 local out = {}
 for i = 1, #KEYS do
   local rk = KEYS[i]
-  local tok, ret, has, resp = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
+  local tok, ret, has, resp = ARGV[5 * i - 4], ARGV[5 * i - 3], ARGV[5 * i - 2], ARGV[5 * i - 1]
+  local ch = ARGV[5 * i]
   local v = redis.call('GET', rk)
   out[i] = 0
   if v then
@@ -147,6 +152,7 @@ for i = 1, #KEYS do
       else
         redis.call('SET', rk, 'd' .. string.sub(v, 2, c), 'PX', ret)
       end
+      if ch ~= '' then redis.pcall('SPUBLISH', ch, rk) end
       out[i] = 1
     end
   end
@@ -154,14 +160,23 @@ end
 return out
 )lua";
 
-// KEYS[1]: record. ARGV[1]: token. Deletes an in-progress record still owned by the token.
+// KEYS[1]: record. ARGV[1]: token, ARGV[2]: channel (as for complete). Deletes an in-progress
+// record still owned by the token.
 const std::string_view Scripts::release = R"lua(
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, 1) ~= 'p' then return 0 end
 local c = string.find(v, ':', 34, true)
 if not c or string.sub(v, 34, c - 1) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.pcall('SPUBLISH', ARGV[2], KEYS[1]) end
 return 1
+)lua";
+
+// KEYS[1]: record. ARGV[1]: channel (as for complete). Deletes the record whatever its state.
+const std::string_view Scripts::forget = R"lua(
+local n = redis.call('DEL', KEYS[1])
+if n > 0 and ARGV[1] ~= '' then redis.pcall('SPUBLISH', ARGV[1], KEYS[1]) end
+return n
 )lua";
 
 // --- Pool ------------------------------------------------------------------------------------
@@ -242,23 +257,22 @@ void Node::give_back(std::unique_ptr<Connection> conn, bool broken) noexcept {
   available_.notify_one();
 }
 
-std::unique_ptr<Connection> Node::connect() {
-  counters_.reconnects.fetch_add(1, std::memory_order_relaxed);
-  const timeval tv = to_timeval(options_.connect_timeout);
-  ContextPtr ctx(endpoint_.unix_socket.empty()
-                     ? redisConnectWithTimeout(endpoint_.host.c_str(), endpoint_.port, tv)
-                     : redisConnectUnixWithTimeout(endpoint_.unix_socket.c_str(), tv));
+ContextPtr open_context(const Endpoint& endpoint, const RedisOptions& options) {
+  const timeval tv = to_timeval(options.connect_timeout);
+  ContextPtr ctx(endpoint.unix_socket.empty()
+                     ? redisConnectWithTimeout(endpoint.host.c_str(), endpoint.port, tv)
+                     : redisConnectUnixWithTimeout(endpoint.unix_socket.c_str(), tv));
   if (!ctx) throw StoreUnavailable("cannot allocate a hiredis context (out of memory)");
   if (ctx->err != 0) {
     std::string err = ctx->errstr;
-    std::string what = "cannot connect to Redis at " + endpoint_.text() + ": " + err;
+    std::string what = "cannot connect to Redis at " + endpoint.text() + ": " + err;
     if (err.find("refused") != std::string::npos || err.find("No such file") != std::string::npos) {
       what +=
           ": nothing listens there; is redis-server running, and are RedisOptions::host/port "
           "(or unix_socket) right?";
     } else if (err.find("timed out") != std::string::npos ||
                err.find("temporarily unavailable") != std::string::npos) {
-      what += " after " + std::to_string(options_.connect_timeout.count()) +
+      what += " after " + std::to_string(options.connect_timeout.count()) +
               " ms (RedisOptions::connect_timeout): check the address, firewalls and the network";
     } else if (err.find("resolve") != std::string::npos || err.find("Name") != std::string::npos) {
       what += ": check RedisOptions::host";
@@ -266,6 +280,65 @@ std::unique_ptr<Connection> Node::connect() {
     throw StoreUnavailable(what);
   }
   redisSetTimeout(ctx.get(), tv);
+  return ctx;
+}
+
+namespace {
+
+ReplyPtr run_blocking(redisContext* ctx, const Endpoint& endpoint, const RedisOptions& options,
+                      Command cmd, std::string_view what) {
+  void* raw = redisCommandArgv(ctx, cmd.argc(), cmd.argv(), cmd.lens());
+  if (raw == nullptr) throw_context_error(ctx, endpoint, options, what);
+  return ReplyPtr(static_cast<redisReply*>(raw));
+}
+
+}  // namespace
+
+void authenticate(redisContext* ctx, const Endpoint& endpoint, const RedisOptions& options) {
+  SigpipeGuard sigpipe;
+  if (!options.password.empty()) {
+    Command auth{"AUTH"};
+    if (!options.user.empty()) auth.add(options.user);
+    auth.add(options.password);
+    ReplyPtr reply = run_blocking(ctx, endpoint, options, std::move(auth), "AUTH");
+    if (reply->type == REDIS_REPLY_ERROR) {
+      throw StoreUnavailable("Redis at " + endpoint.text() + " refused the credentials (" +
+                             reply_text(reply.get()) +
+                             "): check RedisOptions::user and RedisOptions::password");
+    }
+  }
+  ReplyPtr pong = run_blocking(ctx, endpoint, options, Command{"PING"}, "PING");
+  if (pong->type == REDIS_REPLY_ERROR) {
+    std::string text = reply_text(pong.get());
+    if (starts_with(text, "NOAUTH")) {
+      throw StoreUnavailable("Redis at " + endpoint.text() + " requires authentication (" + text +
+                             "): set RedisOptions::password (and user for an ACL user)");
+    }
+    throw StoreUnavailable("Redis at " + endpoint.text() + " answered PING with an error (" + text +
+                           ")");
+  }
+  if (pong->type != REDIS_REPLY_STATUS || reply_text(pong.get()) != "PONG") {
+    throw StoreUnavailable("the server at " + endpoint.text() +
+                           " did not answer PING like Redis: check RedisOptions::host/port");
+  }
+}
+
+bool send_bytes(int fd, const char* data, std::size_t len) {
+  std::size_t off = 0;
+  while (off < len) {
+    ssize_t n = ::send(fd, data + off, len - off, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    off += static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
+std::unique_ptr<Connection> Node::connect() {
+  counters_.reconnects.fetch_add(1, std::memory_order_relaxed);
+  ContextPtr ctx = open_context(endpoint_, options_);
   handshake(ctx.get());
   redisSetTimeout(ctx.get(), to_timeval(options_.command_timeout));
   auto conn = std::make_unique<Connection>();
@@ -274,37 +347,13 @@ std::unique_ptr<Connection> Node::connect() {
 }
 
 void Node::handshake(redisContext* ctx) {
+  authenticate(ctx, endpoint_, options_);
   SigpipeGuard sigpipe;
   auto run = [&](Command cmd, std::string_view what) {
     void* raw = redisCommandArgv(ctx, cmd.argc(), cmd.argv(), cmd.lens());
     if (raw == nullptr) throw_io(ctx, what);
     return ReplyPtr(static_cast<redisReply*>(raw));
   };
-  if (!options_.password.empty()) {
-    Command auth{"AUTH"};
-    if (!options_.user.empty()) auth.add(options_.user);
-    auth.add(options_.password);
-    ReplyPtr reply = run(std::move(auth), "AUTH");
-    if (reply->type == REDIS_REPLY_ERROR) {
-      throw StoreUnavailable("Redis at " + endpoint_.text() + " refused the credentials (" +
-                             reply_text(reply.get()) +
-                             "): check RedisOptions::user and RedisOptions::password");
-    }
-  }
-  ReplyPtr pong = run(Command{"PING"}, "PING");
-  if (pong->type == REDIS_REPLY_ERROR) {
-    std::string text = reply_text(pong.get());
-    if (starts_with(text, "NOAUTH")) {
-      throw StoreUnavailable("Redis at " + endpoint_.text() + " requires authentication (" + text +
-                             "): set RedisOptions::password (and user for an ACL user)");
-    }
-    throw StoreUnavailable("Redis at " + endpoint_.text() + " answered PING with an error (" +
-                           text + ")");
-  }
-  if (pong->type != REDIS_REPLY_STATUS || reply_text(pong.get()) != "PONG") {
-    throw StoreUnavailable("the server at " + endpoint_.text() +
-                           " did not answer PING like Redis: check RedisOptions::host/port");
-  }
   if (options_.db != 0) {
     ReplyPtr reply = run(Command{"SELECT", std::to_string(options_.db)}, "SELECT");
     if (reply->type == REDIS_REPLY_ERROR) {
@@ -313,6 +362,7 @@ void Node::handshake(redisContext* ctx) {
                              "): check RedisOptions::db");
     }
   }
+  learn_pubsub(ctx);
   std::string shas[3];
   const std::string_view texts[3] = {Scripts::claim, Scripts::complete, Scripts::release};
   for (int i = 0; i < 3; ++i) {
@@ -332,21 +382,44 @@ void Node::handshake(redisContext* ctx) {
   scripts_.release_sha = shas[2];
 }
 
-void Node::throw_io(redisContext* ctx, std::string_view during) const {
+// Sharded pub/sub (SPUBLISH, Redis 7) carries the change notifications of await_change. HELLO
+// (Redis 6+) names the version; a server that refuses it (older, or an ACL without
+// @connection) is taken to have none: waiters then only pause.
+void Node::learn_pubsub(redisContext* ctx) {
+  void* raw = redisCommand(ctx, "HELLO 2");
+  if (raw == nullptr) throw_io(ctx, "HELLO");
+  ReplyPtr reply(static_cast<redisReply*>(raw));
+  bool sharded = false;
+  if (reply->type == REDIS_REPLY_ARRAY) {
+    for (std::size_t i = 0; i + 1 < reply->elements; i += 2) {
+      const redisReply* name = reply->element[i];
+      const redisReply* value = reply->element[i + 1];
+      if (name->type == REDIS_REPLY_STRING && reply_text(name) == "version" &&
+          value->type == REDIS_REPLY_STRING) {
+        sharded = std::atoi(value->str) >= 7;
+      }
+    }
+  }
+  std::lock_guard lock(scripts_.mutex);
+  scripts_.sharded_pubsub = sharded;
+}
+
+void throw_context_error(redisContext* ctx, const Endpoint& endpoint, const RedisOptions& options,
+                         std::string_view during) {
   const int saved_errno = errno;
   std::string err = ctx->errstr;
   std::string what =
-      "Redis at " + endpoint_.text() + " failed during " + std::string(during) + ": " + err;
+      "Redis at " + endpoint.text() + " failed during " + std::string(during) + ": " + err;
   if (ctx->err == REDIS_ERR_IO && (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK ||
                                    err.find("temporarily unavailable") != std::string::npos)) {
-    what = "no reply from Redis at " + endpoint_.text() + " to " + std::string(during) +
+    what = "no reply from Redis at " + endpoint.text() + " to " + std::string(during) +
            " within RedisOptions::command_timeout (" +
-           std::to_string(options_.command_timeout.count()) +
+           std::to_string(options.command_timeout.count()) +
            " ms): the server is overloaded, paused, unreachable, or not a Redis server";
   } else if (ctx->err == REDIS_ERR_EOF) {
     what += ": the server closed the connection (restarted, killed, or it is not Redis)";
   } else if (ctx->err == REDIS_ERR_PROTOCOL) {
-    what = "the server at " + endpoint_.text() + " did not answer " + std::string(during) +
+    what = "the server at " + endpoint.text() + " did not answer " + std::string(during) +
            " like Redis (" + err + "): check RedisOptions::host/port";
   } else if (ctx->err == REDIS_ERR_IO) {
     what += ": the connection broke; Redis may be down or restarting";
@@ -354,19 +427,14 @@ void Node::throw_io(redisContext* ctx, std::string_view during) const {
   throw StoreUnavailable(what);
 }
 
+void Node::throw_io(redisContext* ctx, std::string_view during) const {
+  throw_context_error(ctx, endpoint_, options_, during);
+}
+
 // Writes the formatted commands with MSG_NOSIGNAL, leaving hiredis an empty output buffer so
 // that redisGetReply only reads. False with errno set on failure (EAGAIN: send timeout).
 bool send_all(redisContext* ctx) {
-  const std::size_t len = sdslen(ctx->obuf);
-  std::size_t off = 0;
-  while (off < len) {
-    ssize_t n = ::send(ctx->fd, ctx->obuf + off, len - off, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    off += static_cast<std::size_t>(n);
-  }
+  if (!send_bytes(ctx->fd, ctx->obuf, sdslen(ctx->obuf))) return false;
   // sdsclear() without its symbol: hiredis.h declares sds.h outside its extern "C" block.
   sdssetlen(ctx->obuf, 0);
   ctx->obuf[0] = '\0';

@@ -68,19 +68,39 @@ struct Endpoint {
   bool operator==(const Endpoint&) const = default;
 };
 
-/// The Lua scripts and their SHA1s (learnt from SCRIPT LOAD).
+/// The Lua scripts and their SHA1s (learnt from SCRIPT LOAD), and whether the server has
+/// sharded pub/sub (learnt from HELLO on the same handshake).
 struct Scripts {
   static const std::string_view claim;
   static const std::string_view complete;
   static const std::string_view release;
+  static const std::string_view forget;  // sent as EVAL: an operator command
   std::mutex mutex;
   std::string claim_sha, complete_sha, release_sha;
+  bool sharded_pubsub = false;  // SPUBLISH/SSUBSCRIBE (Redis 7)
 };
 
 struct Counters {
   std::atomic<std::uint64_t> round_trips{0}, commands{0}, redirects{0}, reconnects{0},
       script_loads{0};
+  // await_change: see RedisStoreStats.
+  std::atomic<std::uint64_t> notifications{0}, waits_woken{0}, waits_settled{0}, waits_timed_out{0},
+      wait_fallbacks{0}, waiting{0};
 };
+
+/// A connected context (connect_timeout applied, then command_timeout for replies), not yet
+/// authenticated. @throws StoreUnavailable saying what to check.
+ContextPtr open_context(const Endpoint& endpoint, const RedisOptions& options);
+
+/// AUTH (when a password is set) and PING. @throws StoreUnavailable saying what to fix.
+void authenticate(redisContext* ctx, const Endpoint& endpoint, const RedisOptions& options);
+
+/// Throws StoreUnavailable describing the context's error (I/O, timeout, EOF, protocol).
+[[noreturn]] void throw_context_error(redisContext* ctx, const Endpoint& endpoint,
+                                      const RedisOptions& options, std::string_view during);
+
+/// Writes the bytes with MSG_NOSIGNAL (no SIGPIPE from a vanished peer). False with errno set.
+bool send_bytes(int fd, const char* data, std::size_t len);
 
 /// A pooled connection to one node.
 struct Connection {
@@ -138,6 +158,7 @@ class Node {
   void give_back(std::unique_ptr<Connection> conn, bool broken) noexcept;
   std::unique_ptr<Connection> connect();
   void handshake(redisContext* ctx);
+  void learn_pubsub(redisContext* ctx);
   std::vector<ReplyPtr> exchange_once(std::span<Command* const> commands,
                                       std::span<const bool> asking);
 

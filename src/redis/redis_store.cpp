@@ -21,6 +21,7 @@
 #include "cluster_slot.hpp"
 #include "connection.hpp"
 #include "idem/error.hpp"
+#include "subscriber.hpp"
 
 namespace idem {
 
@@ -55,6 +56,7 @@ using redis_detail::Command;
 using redis_detail::Endpoint;
 using redis_detail::Node;
 using redis_detail::ReplyPtr;
+using redis_detail::Subscriber;
 
 namespace {
 
@@ -158,6 +160,20 @@ struct RedisStore::Impl {
   // script may touch both in a cluster. Bounded: at most 16384 counters per prefix.
   std::string counter_key(std::uint16_t slot) const {
     return options.key_prefix + "t:{" + redis_detail::slot_tag(slot) + "}";
+  }
+
+  // Where changes of the records of a hash slot are announced (SPUBLISH: a shard channel of
+  // that slot, so in a cluster only the slot's own shard carries it).
+  std::string channel_of(std::uint16_t slot) const {
+    return options.key_prefix + "w:{" + redis_detail::slot_tag(slot) + "}";
+  }
+  // The channel argument of the scripts: empty when the server cannot publish on one.
+  std::string publish_channel(bool publish, std::uint16_t slot) const {
+    return publish ? channel_of(slot) : std::string{};
+  }
+  bool sharded_pubsub() {
+    std::lock_guard lock(scripts.mutex);
+    return scripts.sharded_pubsub;
   }
 
   std::string claim_sha() {
@@ -486,7 +502,7 @@ struct RedisStore::Impl {
 
   // Runs script `sha` once per node for `items`: numkeys, then every item's keys
   // (add_keys(cmd, record_key, slot), keys_per_item of them), then every item's arguments
-  // (add_args(cmd, item)). The commands' views into the record keys die with this call;
+  // (add_args(cmd, item, slot)). The commands' views into the record keys die with this call;
   // only the replies are read afterwards.
   template <class Item, class AddKeys, class AddArgs>
   ScriptRound run_script(std::span<const Item> items, const std::string& sha,
@@ -507,7 +523,7 @@ struct RedisStore::Impl {
       cmd.add_owned(sha);
       cmd.add_owned(decimal(static_cast<std::int64_t>(idx.size() * keys_per_item)));
       for (std::size_t i : idx) add_keys(cmd, keys[i], slots[i]);
-      for (std::size_t i : idx) add_args(cmd, items[i]);
+      for (std::size_t i : idx) add_args(cmd, items[i], slots[i]);
     }
     run(round.calls);
     return round;
@@ -522,7 +538,7 @@ struct RedisStore::Impl {
           cmd.add(key);
           cmd.add_owned(counter_key(slot));
         },
-        [&](Command& cmd, const ClaimRequest& r) {
+        [&](Command& cmd, const ClaimRequest& r, std::uint16_t) {
           cmd.add_owned(hex_fingerprint(r.fingerprint));
           cmd.add_owned(decimal(positive_ms(r.mark_done ? r.retention : r.lease)));
           cmd.add(r.mark_done ? "1" : "0");
@@ -564,14 +580,16 @@ struct RedisStore::Impl {
   std::vector<bool> complete_many(std::span<const Completion> completions) {
     if (completions.empty()) return {};
     ensure_scripts();
+    const bool publish = sharded_pubsub();
     auto [calls, groups] = run_script(
         completions, complete_sha(), 1,
         [&](Command& cmd, const std::string& key, std::uint16_t) { cmd.add(key); },
-        [&](Command& cmd, const Completion& c) {
+        [&](Command& cmd, const Completion& c, std::uint16_t slot) {
           cmd.add_owned(decimal(static_cast<std::int64_t>(c.token)));
           cmd.add_owned(decimal(positive_ms(c.retention)));
           cmd.add(c.response ? "1" : "0");
           cmd.add(c.response ? *c.response : std::string_view{});
+          cmd.add_owned(publish_channel(publish, slot));
         });
     std::vector<bool> done(completions.size());
     for (std::size_t g = 0; g < groups.size(); ++g) {
@@ -594,22 +612,117 @@ struct RedisStore::Impl {
     cmd.add("1");
     cmd.add(rk);
     cmd.add_owned(decimal(static_cast<std::int64_t>(token)));
+    cmd.add_owned(publish_channel(sharded_pubsub(), calls[0].slot));
     run(calls);
     const redisReply* r = calls[0].reply.get();
     if (r->type != REDIS_REPLY_INTEGER) bad_reply("a release", r);
     return r->integer == 1;
   }
 
+  // DEL and, when it deleted something, a notification; sent as EVAL (an operator command,
+  // so the script is not part of the preloaded set).
   bool forget(std::string_view key) {
+    ensure_scripts();
     std::vector<Call> calls(1);
     std::string rk = record_key(key);
     calls[0].slot = redis_detail::key_slot(rk);
-    calls[0].command.add("DEL");
-    calls[0].command.add(rk);
+    Command& cmd = calls[0].command;
+    cmd.add("EVAL");
+    cmd.add(redis_detail::Scripts::forget);
+    cmd.add("1");
+    cmd.add(rk);
+    cmd.add_owned(publish_channel(sharded_pubsub(), calls[0].slot));
     run(calls);
     const redisReply* r = calls[0].reply.get();
-    if (r->type != REDIS_REPLY_INTEGER) bad_reply("DEL", r);
+    if (r->type != REDIS_REPLY_INTEGER) bad_reply("a forget", r);
     return r->integer > 0;
+  }
+
+  // --- waiting for a change ----------------------------------------------------------------
+
+  // The subscriber connection of each node a waiter needed, created on the first wait there.
+  std::mutex subscribers_mutex;
+  std::map<const Node*, std::unique_ptr<Subscriber>> subscribers;
+
+  Subscriber& subscriber_for(const Node& node) {
+    std::lock_guard lock(subscribers_mutex);
+    std::unique_ptr<Subscriber>& s = subscribers[&node];
+    if (!s) s = std::make_unique<Subscriber>(node.endpoint(), options, counters);
+    return *s;
+  }
+
+  // Whether the record is still held: in progress with its lease running. One atomic read.
+  static constexpr std::string_view kHeldScript =
+      "local v = redis.call('GET', KEYS[1]) "
+      "if not v or string.sub(v, 1, 1) ~= 'p' then return 0 end "
+      "local c = string.find(v, ':', 34, true) "
+      "if not c or redis.call('PTTL', KEYS[1]) <= tonumber(string.sub(v, c + 1)) then return 0 "
+      "end "
+      "return 1";
+
+  bool held(const std::string& rk, std::uint16_t slot) {
+    std::vector<Call> calls(1);
+    calls[0].slot = slot;
+    Command& cmd = calls[0].command;
+    cmd.add("EVAL");
+    cmd.add(kHeldScript);
+    cmd.add("1");
+    cmd.add(rk);
+    run(calls, /*replicate=*/false);
+    const redisReply* r = calls[0].reply.get();
+    if (r->type != REDIS_REPLY_INTEGER) bad_reply("a wait's check", r);
+    return r->integer == 1;
+  }
+
+  // Subscribes to the record's slot channel, then checks the record (a change made before the
+  // subscription is seen there, one made after it is announced), then waits for an
+  // announcement of this record. Store failures do not escape: the caller asks the store again
+  // (and learns of a failure there); until max_wait has passed when the failure would repeat.
+  void await_change(std::string_view key, std::chrono::milliseconds max_wait) {
+    const auto deadline = Subscriber::Clock::now() + max_wait;
+    auto fallback = [&](bool pause) {
+      counters.wait_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      if (pause) std::this_thread::sleep_until(deadline);
+    };
+    std::string rk = record_key(key);
+    const std::uint16_t slot = redis_detail::key_slot(rk);
+    Subscriber* subscriber = nullptr;
+    try {
+      ensure_scripts();  // learns whether the server has sharded pub/sub
+      if (!sharded_pubsub()) return fallback(true);
+      subscriber = &subscriber_for(owner_of(slot));
+    } catch (const StoreUnavailable&) {
+      return fallback(true);
+    }
+    Subscriber::Status status = Subscriber::Status::unavailable;
+    {
+      Subscriber::Waiter waiter(*subscriber, channel_of(slot), rk);
+      status = waiter.subscribe(deadline);
+      if (status == Subscriber::Status::subscribed) {
+        try {
+          if (!held(rk, slot)) {
+            counters.waits_settled.fetch_add(1, std::memory_order_relaxed);
+            return;
+          }
+        } catch (const StoreUnavailable&) {
+          return fallback(false);
+        }
+        counters.waiting.fetch_add(1, std::memory_order_relaxed);
+        status = waiter.await_message(deadline);
+        counters.waiting.fetch_sub(1, std::memory_order_relaxed);
+        if (status == Subscriber::Status::notified) {
+          counters.waits_woken.fetch_add(1, std::memory_order_relaxed);
+          return;
+        }
+      }
+    }
+    if (status == Subscriber::Status::timed_out) {
+      counters.waits_timed_out.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      // Refused or no connection: pause as a store without notifications would. The
+      // connection was lost meanwhile: return, the caller asks again at once.
+      fallback(status == Subscriber::Status::unavailable);
+    }
   }
 
   // --- operator hooks ----------------------------------------------------------------------
@@ -811,13 +924,23 @@ std::string RedisStore::record_key(std::string_view key) const {
   return impl_->record_key(key);
 }
 
+std::string RedisStore::notification_channel(std::string_view key) const {
+  return impl_->channel_of(redis_detail::key_slot(impl_->record_key(key)));
+}
+
 RedisStoreStats RedisStore::stats() const {
   const auto& c = impl_->counters;
   return RedisStoreStats{.round_trips = c.round_trips.load(std::memory_order_relaxed),
                          .commands = c.commands.load(std::memory_order_relaxed),
                          .redirects = c.redirects.load(std::memory_order_relaxed),
                          .reconnects = c.reconnects.load(std::memory_order_relaxed),
-                         .script_loads = c.script_loads.load(std::memory_order_relaxed)};
+                         .script_loads = c.script_loads.load(std::memory_order_relaxed),
+                         .notifications = c.notifications.load(std::memory_order_relaxed),
+                         .waits_woken = c.waits_woken.load(std::memory_order_relaxed),
+                         .waits_settled = c.waits_settled.load(std::memory_order_relaxed),
+                         .waits_timed_out = c.waits_timed_out.load(std::memory_order_relaxed),
+                         .wait_fallbacks = c.wait_fallbacks.load(std::memory_order_relaxed),
+                         .waiting = c.waiting.load(std::memory_order_relaxed)};
 }
 
 const RedisOptions& RedisStore::options() const noexcept {
@@ -856,6 +979,10 @@ std::vector<bool> RedisStore::do_complete_batch(std::span<const Completion> comp
 
 std::optional<RecordInfo> RedisStore::do_inspect(std::string_view key) {
   return advised("nothing was changed: retry", [&] { return impl_->inspect(key); });
+}
+
+void RedisStore::do_await_change(std::string_view key, std::chrono::milliseconds max_wait) {
+  impl_->await_change(key, max_wait);
 }
 
 StoreStats RedisStore::do_stats_summary() {

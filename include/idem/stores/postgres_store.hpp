@@ -90,6 +90,18 @@ struct PostgresOptions {
   std::chrono::milliseconds purge_interval{std::chrono::seconds{60}};
 };
 
+/// @brief Counters of a PostgresStore's waits for held keys (await_change, used by
+/// Options::in_progress_wait) since construction. See docs/stores/postgres.md.
+struct PostgresStoreStats {
+  std::uint64_t notifications = 0;    ///< NOTIFYs received on the listening connection
+  std::uint64_t waits_woken = 0;      ///< waits ended by a notification for their key
+  std::uint64_t waits_settled = 0;    ///< waits that found the key settled once registered
+  std::uint64_t waits_timed_out = 0;  ///< waits that ran out their max_wait
+  std::uint64_t wait_fallbacks = 0;   ///< waits without a listening connection (paused) or
+                                      ///< whose connection or check failed (returned early)
+  std::uint64_t waiting = 0;          ///< threads waiting for a notification right now
+};
+
 /// @brief A bytea parameter (strings bind as text).
 struct PostgresBytes {
   std::string_view bytes;
@@ -216,6 +228,11 @@ class PostgresTx {
 /// - transactional inbox, when IdempotentConsumer's handler takes an idem::PostgresTx&: the
 ///   record and the handler's writes commit in one transaction; no lease, no window of
 ///   duplication.
+///
+/// Waiting for a held key (Options::in_progress_wait): complete, release and forget NOTIFY
+/// only when a waiter registered interest in the key, so commits pay no NOTIFY lock when
+/// nobody waits; the inbox never notifies (a waiter wakes at its commit through the row
+/// lock). See docs/stores/postgres.md.
 class PostgresStore final : public InboxStore<PostgresTx> {
  public:
   /// @brief Connects once (to check the server and create the tables when missing).
@@ -236,6 +253,9 @@ class PostgresStore final : public InboxStore<PostgresTx> {
   /// Only one instance purges at a time (an advisory lock); others return 0 meanwhile.
   std::size_t purge_expired(std::size_t max_records = SIZE_MAX);
 
+  /// @brief Counters of the waits for held keys (Options::in_progress_wait).
+  PostgresStoreStats stats() const;
+
  private:
   Claim do_claim(const ClaimRequest& request) override;
   bool do_complete(const Completion& completion) override;
@@ -248,6 +268,12 @@ class PostgresStore final : public InboxStore<PostgresTx> {
   std::size_t do_purge_expired(std::size_t max_records) override {
     return purge_expired(max_records);
   }
+  /// LISTENs on a dedicated connection (opened on the first wait, never a pooled one) and
+  /// registers interest in the key there (a shared advisory lock, which the completing
+  /// statements probe before they NOTIFY), checks the record (FOR SHARE, on a pooled
+  /// connection), then waits for the key's notification or max_wait. Store failures do not
+  /// escape: it pauses (or returns early) instead, and the caller's next claim reports them.
+  void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override;
   std::unique_ptr<InboxTransaction> begin_inbox(bool may_defer) override;
   std::vector<PartitionOffset> do_committed_offsets() override;
   PostgresTx& tx_of(InboxTransaction& transaction) override;

@@ -73,6 +73,14 @@ struct RedisStoreStats {
   std::uint64_t redirects = 0;     ///< MOVED and ASK replies followed
   std::uint64_t reconnects = 0;    ///< connections opened
   std::uint64_t script_loads = 0;  ///< SCRIPT LOADs, including reloads after NOSCRIPT
+  // await_change (Options::in_progress_wait), see docs/stores/redis.md "Waiting for a held key":
+  std::uint64_t notifications = 0;    ///< change notifications read (for any key of a channel)
+  std::uint64_t waits_woken = 0;      ///< waits ended by a notification for their key
+  std::uint64_t waits_settled = 0;    ///< waits that found the key settled once subscribed
+  std::uint64_t waits_timed_out = 0;  ///< waits that ran out their max_wait
+  std::uint64_t wait_fallbacks = 0;   ///< waits without notifications (no SPUBLISH, refused
+                                      ///< SSUBSCRIBE, no connection): paused, or returned early
+  std::uint64_t waiting = 0;          ///< threads waiting for a notification right now
 };
 
 /// @brief DedupStore on Redis (single server or Redis Cluster; tested with 7.0).
@@ -86,6 +94,11 @@ struct RedisStoreStats {
 ///
 /// Operator hooks (idemctl): inspect() reads one record, stats_summary() SCANs every master,
 /// purge_expired_records() returns 0 (Redis expires records on its own; nothing to purge).
+///
+/// Waiting (await_change, used by Options::in_progress_wait): completions, releases and
+/// forgets announce the key on a sharded pub/sub channel of its slot (SPUBLISH, Redis 7; on
+/// older servers waiters only pause); a waiter listens on one dedicated subscriber connection
+/// per node, opened on the first wait and shared by the store's waiting threads.
 ///
 /// Thread-safe. Connects lazily: a wrong address or password is reported by the first call
 /// (or by ping()) as idem::StoreUnavailable saying what to fix.
@@ -108,6 +121,11 @@ class RedisStore final : public DedupStore {
 
   /// @brief The Redis key of a record (key_prefix + "k:" + key), for an operator's inspection.
   std::string record_key(std::string_view key) const;
+
+  /// @brief The sharded pub/sub channel on which changes of key's record are announced
+  /// (key_prefix + "w:{<tag>}", one per hash slot; the message is record_key(key)), e.g. for
+  /// `PUBSUB SHARDNUMSUB` or an ACL rule.
+  std::string notification_channel(std::string_view key) const;
 
   RedisStoreStats stats() const;
   const RedisOptions& options() const noexcept;
@@ -134,6 +152,11 @@ class RedisStore final : public DedupStore {
   /// Always 0: Redis expires every record itself (PX on each write: in-progress records after
   /// two leases, done ones after the retention), so there is never anything left to purge.
   std::size_t do_purge_expired(std::size_t /*max_records*/) override { return 0; }
+  /// Subscribes to the key's channel (SSUBSCRIBE on the dedicated connection), checks that the
+  /// record is still held (one read: a change made before the subscription is seen there),
+  /// then waits for the key's announcement or max_wait. Store failures do not escape: it pauses
+  /// (or returns early) instead, and the caller's next claim reports what is wrong.
+  void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override;
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
