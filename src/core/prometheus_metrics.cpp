@@ -254,8 +254,9 @@ std::string PrometheusMetrics::render() const {
   append_header(out, "idem_lease_lost_total", "counter",
                 "Completions refused because the lease expired first (raise Options::lease).");
   append_sample(out, "idem_lease_lost_total", plain, value(Counter::lease_lost));
-  append_header(out, "idem_cache_lookups_total", "counter",
-                "Claims a CachedStore answered from its cache (hit) or passed to its store (miss).");
+  append_header(
+      out, "idem_cache_lookups_total", "counter",
+      "Claims a CachedStore answered from its cache (hit) or passed to its store (miss).");
   append_sample(out, "idem_cache_lookups_total", labels("result", "hit"),
                 value(Counter::cache_hits));
   append_sample(out, "idem_cache_lookups_total", labels("result", "miss"),
