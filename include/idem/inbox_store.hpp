@@ -27,6 +27,20 @@
 
 namespace idem {
 
+/// @brief How InboxStoreBase asks a backend to run one attempt at a call.
+enum class InboxMode {
+  /// The first attempt. The backend may defer statements (queue them and report their errors
+  /// at commit) and may run messages without a savepoint of their own
+  /// (InboxTransaction::per_message_savepoints() false): then a failing handler ends the
+  /// attempt, the transaction is rolled back and the call runs again careful, unless it was a
+  /// lone message, which is settled failed at once. Nothing costs a round trip or a
+  /// subtransaction per message while nothing fails.
+  optimistic,
+  /// The rerun: every statement awaited, a savepoint per message, so a failing message undoes
+  /// only its own writes and each statement's error reaches the handler that sent it.
+  careful,
+};
+
 /// @brief One open transaction of a transactional store: the hooks InboxStore drives, in this
 /// order per message: claim, then for an acquired key begin_message, the handler, and
 /// release_message (+ store_response) or rollback_message (+ undo_claim). At the end
@@ -49,6 +63,16 @@ class InboxTransaction {
   virtual Claim claim(const ClaimRequest& request, bool& fresh) = 0;
   /// @brief Opens the message's savepoint (a backend may defer it to the first statement).
   virtual void begin_message() = 0;
+  /// @brief False when messages run without a savepoint of their own (InboxMode::optimistic,
+  /// where the backend supports it): a failed message cannot be undone alone, so the core
+  /// rolls the transaction back and runs the call again careful. A backend may only return
+  /// false if a rollback of the whole transaction also keeps every token it handed out from
+  /// being handed out again (e.g. tokens from a PostgreSQL sequence). The default: true.
+  virtual bool per_message_savepoints() const noexcept { return true; }
+  /// @brief Rolls the whole transaction back now (after a lone message failed without a
+  /// savepoint). Never throws: a backend that cannot roll back drops its connection instead.
+  /// The default leaves it to the destructor.
+  virtual void rollback() noexcept {}
   /// @brief The handler returned: keeps its writes (RELEASE the savepoint).
   virtual void release_message() = 0;
   /// @brief The handler threw: undoes its writes (ROLLBACK TO the savepoint, then RELEASE).
@@ -62,7 +86,7 @@ class InboxTransaction {
   /// @brief Stores (topic, partition) -> next_offset rows in this transaction.
   virtual void save_offsets(std::span<const PartitionOffset> offsets) = 0;
   /// @brief Commits. A backend that deferred statements (libpq pipeline mode) and finds one of
-  /// them failed throws idem::InboxRetryWithoutDeferral: the batch is run again, undeferred.
+  /// them failed throws idem::InboxRetryWithoutDeferral: the call runs again careful.
   virtual void commit() = 0;
   /// @brief After the handler returned: throws idem::ConfigError when the handler ended the
   /// transaction (COMMIT or ROLLBACK of its own), idem::StoreUnavailable when the backend
@@ -74,8 +98,9 @@ class InboxTransaction {
 };
 
 /// @brief Thrown by an InboxTransaction whose deferred statements failed at commit (or at any
-/// point where their results were read): the transaction was rolled back, and InboxStore runs
-/// the whole call again with deferral off, so each statement's error reaches its handler.
+/// point where their results were read): the transaction is rolled back, and InboxStore runs
+/// the whole call again in InboxMode::careful. Handlers of that call run again; only the
+/// committed run's writes take effect.
 class InboxRetryWithoutDeferral : public Error {
  public:
   using Error::Error;
@@ -96,9 +121,8 @@ class InboxStoreBase : public DedupStore {
   void save_offsets(std::span<const PartitionOffset> offsets);
 
  protected:
-  /// @brief Begins a transaction. may_defer: the backend may queue statements and report
-  /// their errors at commit (it is false on the retry after InboxRetryWithoutDeferral).
-  virtual std::unique_ptr<InboxTransaction> begin_inbox(bool may_defer) = 0;
+  /// @brief Begins a transaction for one attempt at a call (see InboxMode).
+  virtual std::unique_ptr<InboxTransaction> begin_inbox(InboxMode mode) = 0;
   virtual std::vector<PartitionOffset> do_committed_offsets() = 0;
 
   /// @brief Runs handler(i) for each acquired request in one transaction; see
@@ -107,9 +131,11 @@ class InboxStoreBase : public DedupStore {
                                 std::span<const PartitionOffset> offsets, bool* offsets_saved);
 
  private:
-  std::vector<Result> run_inbox_once(InboxTransaction& tx, std::span<const ClaimRequest> requests,
-                                     InboxHandler handler, std::span<const PartitionOffset> offsets,
-                                     bool& saved);
+  struct KnownFailure;
+  std::vector<Result> run_inbox_once(InboxTransaction& tx, InboxMode mode,
+                                     std::span<const ClaimRequest> requests, InboxHandler handler,
+                                     std::span<const PartitionOffset> offsets, bool& saved,
+                                     const KnownFailure* known);
 };
 
 /// @brief A transactional store whose handlers receive a Tx& (SqliteTx, PostgresTx).

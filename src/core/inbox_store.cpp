@@ -44,6 +44,14 @@ class HandlerName {
 
 }  // namespace
 
+// A message failed in an optimistic attempt without a savepoint of its own: the attempt is
+// rolled back and the careful rerun settles this message as failed with the same error,
+// without running its handler again (so the outcome is the one a savepoint would have given).
+struct InboxStoreBase::KnownFailure {
+  std::size_t index;
+  std::exception_ptr error;
+};
+
 std::vector<Result> InboxStoreBase::run_inbox(std::span<const ClaimRequest> requests,
                                               InboxHandler handler,
                                               std::span<const PartitionOffset> offsets,
@@ -53,25 +61,37 @@ std::vector<Result> InboxStoreBase::run_inbox(std::span<const ClaimRequest> requ
   return translate_errors([&] {
     bool saved = false;
     std::vector<Result> results;
+    // At-most-once messages never run twice: their calls start careful.
+    const bool careful_first = std::any_of(requests.begin(), requests.end(),
+                                           [](const ClaimRequest& r) { return r.mark_done; });
+    std::optional<KnownFailure> known;
     try {
-      std::unique_ptr<InboxTransaction> tx = begin_inbox(/*may_defer=*/true);
-      results = run_inbox_once(*tx, requests, handler, offsets, saved);
+      const InboxMode mode = careful_first ? InboxMode::careful : InboxMode::optimistic;
+      std::unique_ptr<InboxTransaction> tx = begin_inbox(mode);
+      results = run_inbox_once(*tx, mode, requests, handler, offsets, saved, nullptr);
+      if (offsets_saved != nullptr) *offsets_saved = saved;
+      return results;
     } catch (const InboxRetryWithoutDeferral&) {
-      // A deferred statement failed and took the transaction with it; run again with each
-      // statement's answer awaited, so its error reaches the handler that sent it.
-      std::unique_ptr<InboxTransaction> tx = begin_inbox(/*may_defer=*/false);
-      results = run_inbox_once(*tx, requests, handler, offsets, saved);
+      // A deferred statement failed and took the transaction with it.
+    } catch (KnownFailure& failure) {
+      known = std::move(failure);
     }
+    // Run again with each statement's answer awaited and a savepoint per message, so an
+    // error reaches the handler that caused it and a failure undoes only its message.
+    // The handlers before the failure run again; their first run's writes were rolled back.
+    std::unique_ptr<InboxTransaction> tx = begin_inbox(InboxMode::careful);
+    results = run_inbox_once(*tx, InboxMode::careful, requests, handler, offsets, saved,
+                             known ? &*known : nullptr);
     if (offsets_saved != nullptr) *offsets_saved = saved;
     return results;
   });
 }
 
-std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
+std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx, InboxMode mode,
                                                    std::span<const ClaimRequest> requests,
                                                    InboxHandler handler,
                                                    std::span<const PartitionOffset> offsets,
-                                                   bool& saved) {
+                                                   bool& saved, const KnownFailure* known) {
   std::vector<Result> results(requests.size());
   tx.prepare(requests);
   for (std::size_t i = 0; i < requests.size(); ++i) {
@@ -87,6 +107,7 @@ std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
     tx.begin_message();
     std::optional<std::string> response;
     try {
+      if (known != nullptr && known->index == i) std::rethrow_exception(known->error);
       response = handler(i, tx);
     } catch (const InboxRetryWithoutDeferral&) {
       throw;
@@ -96,6 +117,18 @@ std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
       Result failed{.outcome = Outcome::failed,
                     .error = std::current_exception(),
                     .fencing_token = claim.token};
+      if (mode == InboxMode::optimistic && !tx.per_message_savepoints()) {
+        if (requests.size() == 1 && !request.mark_done) {
+          // Rolling the whole transaction back undoes exactly this message: its writes and
+          // its claim (the backend keeps the token from coming back). No rerun: the handler
+          // ran once, as it does outside a transaction.
+          tx.rollback();
+          results[i] = std::move(failed);
+          saved = false;
+          return results;
+        }
+        throw KnownFailure{i, failed.error};
+      }
       tx.check_alive_after_failure(HandlerName(i, requests.size()), describe(failed.error));
       tx.rollback_message();
       if (!request.mark_done) tx.undo_claim(request, claim.token, fresh);
@@ -133,7 +166,7 @@ std::vector<PartitionOffset> InboxStoreBase::committed_offsets() {
 
 void InboxStoreBase::save_offsets(std::span<const PartitionOffset> offsets) {
   translate_errors([&] {
-    std::unique_ptr<InboxTransaction> tx = begin_inbox(/*may_defer=*/false);
+    std::unique_ptr<InboxTransaction> tx = begin_inbox(InboxMode::careful);
     tx->save_offsets(offsets);
     tx->commit();
   });

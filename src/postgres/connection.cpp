@@ -146,7 +146,7 @@ void Connection::prepare_statements() {
     if (PQsendPrepare(get(), Statements::name(which), text.c_str(), 0, nullptr) == 0) {
       fail("preparing idem's statements");
     }
-    queue_.push_back({Origin::idem, "preparing idem's statements"});
+    queue_.push_back({Origin::idem, "preparing idem's statements", {}, false});
   }
   std::vector<Reply> replies = drain(idem_deadline());
   leave_pipeline();
@@ -262,11 +262,33 @@ ResultPtr Connection::finish_command(Deadline deadline, std::string_view what) {
   return kept;
 }
 
+Statement Connection::user_statement(std::string_view sql, const Params& params) {
+  if (!pipelined_) return Statement::text(sql);
+  user_key_.assign(sql);
+  user_key_.push_back('\0');
+  user_key_.append(reinterpret_cast<const char*>(params.types()),
+                   static_cast<std::size_t>(params.size()) * sizeof(Oid));
+  auto found = user_statements_.find(user_key_);
+  if (found == user_statements_.end()) {
+    if (user_statements_.size() >= kMaxUserStatements) return Statement::text(sql);
+    std::string name = "idem_user_" + std::to_string(++user_statements_made_);
+    const std::string text(sql);
+    if (PQsendPrepare(get(), name.c_str(), text.c_str(), params.size(), params.types()) == 0) {
+      fail("preparing the handler's statement");
+    }
+    queue_.push_back({Origin::user, text, user_key_, false});
+    found = user_statements_.emplace(user_key_, std::move(name)).first;
+  }
+  sending_by_name_ = found->second;
+  return Statement{sending_by_name_.c_str(), sql, false};
+}
+
 void Connection::queue(const Statement& statement, const Params& params, Origin origin,
                        std::string what) {
   if (pipelined_) {
     send(statement, params, what);
-    queue_.push_back({origin, std::move(what)});
+    const bool by_name = origin == Origin::user && statement.prepared != nullptr;
+    queue_.push_back({origin, std::move(what), {}, by_name});
     return;
   }
   if (queue_failed_) {  // as a pipeline would: skip everything after an error until drain()
@@ -279,6 +301,17 @@ void Connection::queue(const Statement& statement, const Params& params, Origin 
   reply.result = finish_command(unlimited ? Deadline{} : idem_deadline(), reply.what);
   if (!reply.ok()) queue_failed_ = true;
   finished_.push_back(std::move(reply));
+}
+
+void Connection::forget_failed_user_statement(const Queued& queued, const Reply& reply) {
+  if (reply.ok()) return;
+  // A prepare that failed or was skipped left no statement behind.
+  if (!queued.prepared_key.empty()) user_statements_.erase(queued.prepared_key);
+  if (!queued.by_name || reply.skipped()) return;
+  // Gone (DEALLOCATE or DISCARD through the raw handle) or stale (the table changed under a
+  // statement whose result type it fixed): start over on a fresh connection.
+  const std::string state = sqlstate_of(reply.result.get());
+  if (state == "26000" || state == "0A000") broken_ = true;
 }
 
 std::vector<Reply> Connection::drain(Deadline deadline) {
@@ -295,6 +328,7 @@ std::vector<Reply> Connection::drain(Deadline deadline) {
     Reply reply{queued.origin, std::move(queued.what), nullptr};
     reply.result = next_result(deadline, reply.what);
     if (!reply.result) fail(reply.what);
+    forget_failed_user_statement(queued, reply);
     // COPY cannot run in pipeline mode; libpq reports it as an error result.
     if (next_result(deadline, reply.what) != nullptr) {
       broken_ = true;

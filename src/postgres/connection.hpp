@@ -16,6 +16,8 @@
 #include <string_view>
 #include <vector>
 
+#include <absl/container/flat_hash_map.h>
+
 #include "errors.hpp"
 #include "params.hpp"
 #include "statements.hpp"
@@ -109,6 +111,13 @@ class Connection {
   /// Queues a statement: in pipeline mode it is only sent; otherwise it runs now, unless an
   /// earlier queued statement failed (then it is skipped, as in a pipeline).
   void queue(const Statement& statement, const Params& params, Origin origin, std::string what);
+  /// A handler's statement as it is best sent: in pipeline mode by name, prepared on this
+  /// connection with its first use (the prepare is queued ahead of it, its reply Origin::user);
+  /// as text outside pipeline mode or once kMaxUserStatements are prepared. Keyed by the SQL
+  /// and the parameters' types, which decide the types the server infers.
+  Statement user_statement(std::string_view sql, const Params& params);
+  static constexpr std::size_t kMaxUserStatements = 256;
+
   /// Sends a sync (pipeline mode) and returns the reply of every queued statement in order.
   /// @throws PostgresUnavailable when the connection fails or the deadline passes.
   std::vector<Reply> drain(Deadline deadline);
@@ -139,10 +148,14 @@ class Connection {
   // The result of the command just sent (non-pipeline), read to its end.
   ResultPtr finish_command(Deadline deadline, std::string_view what);
   void wait_socket(bool for_write, Deadline deadline, std::string_view what);
+  struct Queued;
+  void forget_failed_user_statement(const Queued& queued, const Reply& reply);
 
   struct Queued {
     Origin origin;
     std::string what;
+    std::string prepared_key;  // a handler statement's prepare: forgotten unless it succeeds
+    bool by_name = false;      // a handler statement sent by the name it was prepared under
   };
 
   ConnPtr conn_;
@@ -155,6 +168,10 @@ class Connection {
   std::vector<Queued> queue_;    // sent, awaiting results (pipeline mode)
   std::vector<Reply> finished_;  // already answered (non-pipeline mode)
   bool queue_failed_ = false;    // non-pipeline: an earlier queued statement failed
+  absl::flat_hash_map<std::string, std::string> user_statements_;  // key -> prepared name
+  std::size_t user_statements_made_ = 0;
+  std::string user_key_;          // user_statement()'s key, built without an allocation
+  std::string sending_by_name_;   // the name user_statement() returned last
 };
 
 class Pool;

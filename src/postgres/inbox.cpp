@@ -86,13 +86,14 @@ bool ends_transaction(std::string_view sql) {
 
 }  // namespace
 
-PostgresSession::PostgresSession(PostgresStore::Impl& impl, pg::Lease lease, bool may_defer,
+PostgresSession::PostgresSession(PostgresStore::Impl& impl, pg::Lease lease, InboxMode mode,
                                  Kind kind)
     : impl_(impl),
       lease_(std::move(lease)),
       conn_(*lease_),
       tx_(*this),
-      may_defer_(may_defer),
+      may_defer_(mode == InboxMode::optimistic),
+      savepoints_(mode == InboxMode::careful),
       kind_(kind) {}
 
 PostgresSession::~PostgresSession() {
@@ -242,7 +243,8 @@ bool PostgresSession::claim_group(std::span<const ClaimRequest* const> group,
   // Inside a savepoint: a claim that gives up on a row lock (lock_timeout) aborts only it.
   use_idem_settings();
   queue_text("SAVEPOINT idem_claim", "opening the claim's savepoint");
-  queue_idem(Sql::claim, pg::claim_params(group, /*inbox=*/true), "claiming the key");
+  queue_idem(pg::claim_sql(group), pg::claim_params(group, /*inbox=*/true),
+             "claiming the key");
   queue_text("RELEASE SAVEPOINT idem_claim", "closing the claim's savepoint");
   std::vector<Reply> replies = drain();
   const Reply& claimed = replies[replies.size() - 2];
@@ -299,12 +301,32 @@ void PostgresSession::begin_message() {
   refuse_if_deferred_failed();
   use_user_settings();
   awaited_error_ = false;
-  savepoint_pending_ = true;
+  savepoint_pending_ = savepoints_;
   savepoint_open_ = false;
   // A handler holding the raw connection may write without idem seeing it coming.
   if (native_taken_) {
     open_pending_savepoint();
     drain_ok();
+  }
+}
+
+void PostgresSession::rollback() noexcept {
+  if (!open_) return;
+  open_ = false;
+  try {
+    // One round trip when pipelined; a handler's queued statements run first (bounded by
+    // idem's deadline: past it the connection is dropped and the server rolls back).
+    if (conn_.pipelined()) queue_text("ROLLBACK", "rolling back");
+    (void)conn_.drain(conn_.idem_deadline());
+    user_queued_ = false;
+    conn_.leave_pipeline();
+    if (PQtransactionStatus(conn_.get()) != PQTRANS_IDLE) {
+      pg::ResultPtr result =
+          conn_.run(Statement::text("ROLLBACK"), Params{}, "rolling back", conn_.idem_deadline());
+      if (PQresultStatus(result.get()) != PGRES_COMMAND_OK) conn_.mark_broken();
+    }
+  } catch (...) {
+    conn_.mark_broken();  // closed instead of reused; the server rolls back
   }
 }
 
@@ -495,7 +517,7 @@ void PostgresSession::user_exec(std::string_view sql, std::span<const PostgresPa
   open_pending_savepoint();
   Params bound;
   for (const PostgresParam& param : params) bound.user(param);
-  conn_.queue(Statement::text(sql), bound, Origin::user, std::string(sql));
+  conn_.queue(conn_.user_statement(sql, bound), bound, Origin::user, std::string(sql));
   if (conn_.pipelined()) {
     user_queued_ = true;
     return;
@@ -523,7 +545,7 @@ pg::ResultPtr PostgresSession::user_query(std::string_view sql,
   open_pending_savepoint();
   Params bound;
   for (const PostgresParam& param : params) bound.user(param);
-  conn_.queue(Statement::text(sql), bound, Origin::user, std::string(sql));
+  conn_.queue(conn_.user_statement(sql, bound), bound, Origin::user, std::string(sql));
   user_queued_ = true;
   std::vector<Reply> replies = drain(/*awaited=*/1);
   for (const Reply& reply : replies) {
@@ -557,8 +579,8 @@ void PostgresTx::save_offset(std::string_view topic, std::int32_t partition,
   session_->save_offset(topic, partition, next_offset);
 }
 
-std::unique_ptr<InboxTransaction> PostgresStore::begin_inbox(bool may_defer) {
-  auto session = std::make_unique<detail::PostgresSession>(*impl_, impl_->pool.acquire(), may_defer,
+std::unique_ptr<InboxTransaction> PostgresStore::begin_inbox(InboxMode mode) {
+  auto session = std::make_unique<detail::PostgresSession>(*impl_, impl_->pool.acquire(), mode,
                                                            detail::PostgresSession::Kind::inbox);
   session->begin();
   return session;
@@ -569,7 +591,7 @@ PostgresTx& PostgresStore::tx_of(InboxTransaction& transaction) {
 }
 
 void PostgresStore::transaction(detail::FunctionRef<void(PostgresTx&)> work) {
-  detail::PostgresSession session(*impl_, impl_->pool.acquire(), /*may_defer=*/false,
+  detail::PostgresSession session(*impl_, impl_->pool.acquire(), InboxMode::careful,
                                   detail::PostgresSession::Kind::work);
   session.begin();
   work(session.tx());

@@ -23,7 +23,9 @@ class PostgresSession final : public InboxTransaction {
     work,   // PostgresStore::transaction(): the caller's work only
   };
 
-  PostgresSession(PostgresStore::Impl& impl, pg::Lease lease, bool may_defer, Kind kind);
+  /// mode optimistic: pipelined, no savepoint per message, handlers' statements prepared
+  /// once per connection; careful: each statement awaited, a savepoint per message, text.
+  PostgresSession(PostgresStore::Impl& impl, pg::Lease lease, InboxMode mode, Kind kind);
   ~PostgresSession() override;
 
   /// Sends BEGIN (pipelined: its answer is read with the first claims).
@@ -36,6 +38,8 @@ class PostgresSession final : public InboxTransaction {
   void prepare(std::span<const ClaimRequest> requests) override;
   Claim claim(const ClaimRequest& request, bool& fresh) override;
   void begin_message() override;
+  bool per_message_savepoints() const noexcept override { return savepoints_; }
+  void rollback() noexcept override;
   void release_message() override;
   void rollback_message() override;
   void undo_claim(const ClaimRequest& request, std::uint64_t token, bool fresh) override;
@@ -79,6 +83,7 @@ class PostgresSession final : public InboxTransaction {
   pg::Connection& conn_;
   PostgresTx tx_;
   const bool may_defer_;
+  const bool savepoints_;
   const Kind kind_;
   bool open_ = false;
   bool deferred_failed_ = false;

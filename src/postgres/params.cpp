@@ -47,6 +47,12 @@ Params& Params::int4(std::int32_t value) {
   return own(kInt4, std::move(bytes), 1);
 }
 
+Params& Params::int2(std::int16_t value) {
+  std::string bytes;
+  put_be(bytes, static_cast<std::uint16_t>(value), 2);
+  return own(kInt2, std::move(bytes), 1);
+}
+
 Params& Params::null(Oid type) {
   types_.push_back(type);
   values_.push_back(nullptr);

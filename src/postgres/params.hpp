@@ -31,6 +31,7 @@ class Params {
   Params& text(std::string_view chars) { return own(kText, std::string(chars), 0); }
   Params& int8(std::int64_t value);
   Params& int4(std::int32_t value);
+  Params& int2(std::int16_t value);
   Params& null(Oid type = 0);
   /// An array built with ArrayWriter (owned here).
   Params& array(Oid array_type, std::string encoded);

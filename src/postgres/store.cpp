@@ -95,6 +95,21 @@ PostgresOptions checked(PostgresOptions options) {
 }
 
 Params claim_params(std::span<const ClaimRequest* const> requests, bool inbox) {
+  if (requests.size() == 1) {
+    const ClaimRequest& request = *requests.front();
+    const bool done = inbox || request.mark_done;
+    const CompactFingerprint fp(request.fingerprint);
+    Params params;
+    params.bytea(request.key)
+        .int2(done ? kDone : kInProgress)
+        .int8((done ? request.retention : request.lease).count());
+    if (fp.present) {
+      params.int8(fp.value);
+    } else {
+      params.null(kInt8);
+    }
+    return params;
+  }
   ArrayWriter keys(kBytea), states(kInt2), spans(kInt8), fingerprints(kInt8);
   for (const ClaimRequest* request : requests) {
     const bool done = inbox || request->mark_done;
@@ -114,6 +129,10 @@ Params claim_params(std::span<const ClaimRequest* const> requests, bool inbox) {
       .array(kInt8Array, spans.finish())
       .array(kInt8Array, fingerprints.finish());
   return params;
+}
+
+Sql claim_sql(std::span<const ClaimRequest* const> requests) {
+  return requests.size() == 1 ? Sql::claim_one : Sql::claim;
 }
 
 std::vector<ClaimAnswer> read_claims(const Connection& conn, const PGresult* result,
@@ -245,7 +264,7 @@ void claim_distinct(Connection& conn, std::span<const ClaimRequest> requests,
     std::vector<const ClaimRequest*> batch;
     batch.reserve(indexes.size());
     for (std::size_t i : indexes) batch.push_back(&requests[i]);
-    ResultPtr result = conn.run(Statement::of(conn.statements(), Sql::claim),
+    ResultPtr result = conn.run(Statement::of(conn.statements(), detail::pg::claim_sql(batch)),
                                 detail::pg::claim_params(batch, /*inbox=*/false), "claiming",
                                 conn.idem_deadline());
     if (PQresultStatus(result.get()) != PGRES_TUPLES_OK) {

@@ -34,6 +34,9 @@ struct ClaimAnswer {
 /// with the retention (the handler's writes commit with it); else in progress with the lease,
 /// or done at once for mark_done.
 Params claim_params(std::span<const ClaimRequest* const> requests, bool inbox);
+/// The claim statement for that many keys (Sql::claim_one for one, whose parameters
+/// claim_params() then makes scalars).
+Sql claim_sql(std::span<const ClaimRequest* const> requests);
 
 /// Reads the claim statement's rows into one answer per request.
 std::vector<ClaimAnswer> read_claims(const Connection& conn, const PGresult* result,

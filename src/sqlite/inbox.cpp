@@ -105,7 +105,7 @@ class SqliteStore::Inbox final : public InboxTransaction {
   SqliteTx user_;
 };
 
-std::unique_ptr<InboxTransaction> SqliteStore::begin_inbox(bool /*may_defer*/) {
+std::unique_ptr<InboxTransaction> SqliteStore::begin_inbox(InboxMode /*mode*/) {
   return std::make_unique<Inbox>(*impl_);
 }
 

@@ -274,7 +274,7 @@ class PostgresStore final : public InboxStore<PostgresTx> {
   /// connection), then waits for the key's notification or max_wait. Store failures do not
   /// escape: it pauses (or returns early) instead, and the caller's next claim reports them.
   void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override;
-  std::unique_ptr<InboxTransaction> begin_inbox(bool may_defer) override;
+  std::unique_ptr<InboxTransaction> begin_inbox(InboxMode mode) override;
   std::vector<PartitionOffset> do_committed_offsets() override;
   PostgresTx& tx_of(InboxTransaction& transaction) override;
 

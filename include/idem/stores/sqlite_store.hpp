@@ -289,7 +289,7 @@ class SqliteStore final : public InboxStore<SqliteTx> {
   std::size_t do_purge_expired(std::size_t max_records) override {
     return purge_expired(max_records);
   }
-  std::unique_ptr<InboxTransaction> begin_inbox(bool may_defer) override;
+  std::unique_ptr<InboxTransaction> begin_inbox(InboxMode mode) override;
   std::vector<PartitionOffset> do_committed_offsets() override;
   SqliteTx& tx_of(InboxTransaction& transaction) override;
 
