@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "idem/dedup_store.hpp"
+#include "idem/stores/redis_errors.hpp"
 
 struct redisContext;  // hiredis; only the sources include <hiredis/hiredis.h>
 
@@ -47,11 +48,12 @@ struct RedisOptions {
   std::size_t pool_size = 8;
   /// Longest wait for a free pooled connection when all pool_size are busy.
   std::chrono::milliseconds pool_wait_timeout{std::chrono::seconds{1}};
-  /// After a failed connect, further connects to that node are refused (fast
-  /// idem::StoreUnavailable) for a backoff that doubles from reconnect_backoff_min up to
-  /// reconnect_backoff_max, and resets on the first success.
-  std::chrono::milliseconds reconnect_backoff_min{std::chrono::milliseconds{20}};
-  std::chrono::milliseconds reconnect_backoff_max{std::chrono::seconds{1}};
+  /// After a failed connect, further connects to that node are refused at once (with the same
+  /// idem::RedisUnavailable, saying when the next attempt is) for a backoff that starts at
+  /// reconnect_backoff, doubles up to max_reconnect_backoff, and resets on the first success.
+  std::chrono::milliseconds reconnect_backoff{std::chrono::milliseconds{20}};
+  /// The longest reconnect backoff (>= reconnect_backoff).
+  std::chrono::milliseconds max_reconnect_backoff{std::chrono::seconds{1}};
   /// Treat host:port as a seed of a Redis Cluster: route by hash slot, follow MOVED/ASK.
   bool cluster = false;
   /// Most MOVED/ASK/TRYAGAIN/reconnect rounds one cluster call makes before it gives up.
@@ -108,8 +110,9 @@ class RedisStore final : public DedupStore {
   explicit RedisStore(RedisOptions options = {});
   ~RedisStore() override;
 
-  /// @brief Connects (if needed) and sends PING to every known node.
-  /// @throws idem::StoreUnavailable saying what is wrong (refused, timeout, auth, not Redis).
+  /// @brief Connects (if needed) and sends PING to every master.
+  /// @throws idem::RedisUnavailable saying what is wrong: its type tells the kind
+  /// (RedisIoError, RedisTimeout, RedisProtocolError, RedisReplyError).
   void ping();
 
   /// @brief Runs f with a pooled, connected, authenticated hiredis context of the node that
