@@ -31,15 +31,14 @@
 
 #include "idem/postgres.hpp"
 #include "support/free_port.hpp"
+#include "support/gate.hpp"
 #include "support/postgres_server.hpp"
 #include "support/postgres_test_store.hpp"
-#include "support/gate.hpp"
 #include "support/sanitized.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
-using idem::test_support::Gate;
 using idem::ClaimRequest;
 using idem::ClaimStatus;
 using idem::IdempotentConsumer;
@@ -51,6 +50,7 @@ using idem::PostgresRows;
 using idem::PostgresStore;
 using idem::PostgresTx;
 using idem::Result;
+using idem::test_support::Gate;
 using idem::test_support::PostgresServer;
 using idem::testing::kSanitized;
 using namespace idem::test_support::postgres;

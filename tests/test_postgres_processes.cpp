@@ -259,7 +259,7 @@ TEST(PostgresServerCrash, UnavailableMeanwhileNothingAckedWithoutARecordAndRecov
 // a change made from now on can only reach them as a notification.
 void wait_for_waiters(const PostgresStore& store, std::uint64_t n) {
   const auto give_up = std::chrono::steady_clock::now() + 30s;
-  while (store.stats().waiting < n) {
+  while (store.counters().waiting < n) {
     if (std::chrono::steady_clock::now() > give_up) {
       ADD_FAILURE() << "no waiter registered within 30 s";
       return;
@@ -294,7 +294,7 @@ TEST(PostgresWait, CompletionReleaseAndForgetWakeTheWaiterByNotification) {
   EXPECT_TRUE(store.release("w-released", released.token));
   EXPECT_TRUE(store.forget("w-forgotten"));
   for (std::thread& t : waiters) t.join();
-  const idem::PostgresStoreStats stats = store.stats();
+  const idem::PostgresStoreStats stats = store.counters();
   EXPECT_EQ(stats.waits_woken, 3u);
   EXPECT_EQ(stats.waits_timed_out, 0u);
   EXPECT_EQ(stats.wait_fallbacks, 0u);
@@ -340,7 +340,7 @@ TEST(PostgresWait, OnlyKeysAWaiterRegisteredForAreAnnounced) {
   pollfd fd{PQsocket(listener.get()), POLLIN, 0};
   ASSERT_EQ(::poll(&fd, 1, 30'000), 1);
   EXPECT_EQ(heard(), 1);
-  EXPECT_EQ(store.stats().waits_woken, 1u);
+  EXPECT_EQ(store.counters().waits_woken, 1u);
 }
 
 TEST(PostgresWait, AKeyAlreadySettledIsSeenOnceRegistered) {
@@ -352,8 +352,8 @@ TEST(PostgresWait, AKeyAlreadySettledIsSeenOnceRegistered) {
   ASSERT_EQ(store.claim(ClaimRequest{.key = "s-2", .lease = 50ms}).status, ClaimStatus::acquired);
   std::this_thread::sleep_for(100ms);
   store.await_change("s-2", kLongWait);  // lease over: the next claim takes it over
-  EXPECT_EQ(store.stats().waits_settled, 3u);
-  EXPECT_EQ(store.stats().waits_woken, 0u);
+  EXPECT_EQ(store.counters().waits_settled, 3u);
+  EXPECT_EQ(store.counters().waits_woken, 0u);
 }
 
 TEST(PostgresWait, AWaitingConsumerGetsTheCompletedResponseAsADuplicate) {
@@ -396,7 +396,7 @@ TEST(PostgresWait, TheWaitRunsOutCleanly) {
       store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 300ms});
   EXPECT_EQ(second.consume({.key = "o-1", .payload = "p"}).outcome, Outcome::in_progress);
   EXPECT_EQ(runs, 0);
-  const idem::PostgresStoreStats stats = store.stats();
+  const idem::PostgresStoreStats stats = store.counters();
   EXPECT_GE(stats.waits_timed_out, 1u);
   EXPECT_EQ(stats.waits_woken, 0u);
   EXPECT_EQ(stats.wait_fallbacks, 0u);
@@ -424,7 +424,7 @@ TEST(PostgresWait, AChangeRacingTheRegistrationIsNeverMissed) {
     }
     waiter.join();
   }
-  const idem::PostgresStoreStats stats = store.stats();
+  const idem::PostgresStoreStats stats = store.counters();
   EXPECT_EQ(stats.waits_timed_out, 0u);
   EXPECT_EQ(stats.wait_fallbacks, 0u);
   EXPECT_EQ(stats.waits_woken + stats.waits_settled, static_cast<std::uint64_t>(rounds));
@@ -458,8 +458,8 @@ TEST(PostgresWait, AListeningConnectionTheServerClosedIsReplaced) {
     std::this_thread::sleep_for(5ms);
   }
   woken_by_completion("x-2");
-  EXPECT_EQ(store.stats().waits_woken, 2u);
-  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  EXPECT_EQ(store.counters().waits_woken, 2u);
+  EXPECT_EQ(store.counters().wait_fallbacks, 0u);
 }
 
 // Two processes: the holder is another process; the waiter hears of its completion.
@@ -484,8 +484,8 @@ TEST(PostgresWait, AWaiterInAnotherProcessIsWokenByTheHoldersCompletion) {
   wait_for_waiters(store, 1);
   ASSERT_EQ(::write(go[1], "g", 1), 1);
   waiter.join();
-  EXPECT_EQ(store.stats().waits_woken, 1u);
-  EXPECT_EQ(store.stats().waits_timed_out, 0u);
+  EXPECT_EQ(store.counters().waits_woken, 1u);
+  EXPECT_EQ(store.counters().waits_timed_out, 0u);
   // A consumer's wait: the duplicate carries the other process's response.
   std::atomic<int> runs{0};
   IdempotentConsumer consumer(
@@ -530,7 +530,7 @@ TEST(PostgresWait, AWaiterTakesOverFromACrashedHolderProcessAfterTheLease) {
   EXPECT_EQ(result.outcome, Outcome::processed);
   EXPECT_EQ(runs, 1);
   EXPECT_EQ(store.claim(ClaimRequest{.key = "c-1"}).response, "taken-over-1");
-  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  EXPECT_EQ(store.counters().wait_fallbacks, 0u);
   ::close(ready[0]);
 }
 

@@ -43,15 +43,14 @@
 #endif
 #include "../src/postgres/statements.hpp"  // the statements' text, for the plan test
 #include "support/free_port.hpp"
+#include "support/gate.hpp"
 #include "support/postgres_server.hpp"
 #include "support/postgres_test_store.hpp"
-#include "support/gate.hpp"
 #include "support/sanitized.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
-using idem::test_support::Gate;
 using idem::ClaimRequest;
 using idem::ClaimStatus;
 using idem::IdempotentConsumer;
@@ -63,6 +62,7 @@ using idem::PostgresRows;
 using idem::PostgresStore;
 using idem::PostgresTx;
 using idem::Result;
+using idem::test_support::Gate;
 using idem::test_support::PostgresServer;
 using idem::testing::kSanitized;
 using namespace idem::test_support::postgres;
@@ -176,13 +176,13 @@ TEST(PostgresPurge, DeletesExpiredRecordsInBoundedStepsOnePurgerAtATime) {
   const std::string lock = "(1768187245, hashtext('" + schema + "'))";
   other.exec("SELECT pg_advisory_lock" + lock);
   EXPECT_EQ(store.purge_expired(), 0u);
-  EXPECT_EQ(store.stats_summary().records, 26u);
+  EXPECT_EQ(store.stats().records, 26u);
   other.exec("SELECT pg_advisory_unlock" + lock);
 
   EXPECT_EQ(store.purge_expired(5), 5u);
   EXPECT_EQ(store.purge_expired(), 20u);  // steps of purge_batch = 10
-  EXPECT_EQ(store.purge_expired_records(100), 0u);
-  const idem::StoreStats stats = store.stats_summary();
+  EXPECT_EQ(store.purge_expired(100), 0u);
+  const idem::StoreStats stats = store.stats();
   EXPECT_EQ(stats.records, 1u);
   EXPECT_EQ(stats.in_progress, 1u);
 }
@@ -197,16 +197,16 @@ TEST(PostgresPurge, AutomaticStepRidesOnWritesEveryIntervalAndCatchesUp) {
   // The interval has passed: a write purges a step of 4; a full step makes the next write
   // purge again, until a step comes back short.
   store.claim(expiring("trigger-1", 60s));
-  EXPECT_EQ(store.stats_summary().records, 7u);
+  EXPECT_EQ(store.stats().records, 7u);
   store.claim(expiring("trigger-2", 60s));
-  EXPECT_EQ(store.stats_summary().records, 4u);
+  EXPECT_EQ(store.stats().records, 4u);
   store.claim(expiring("trigger-3", 60s));
-  EXPECT_EQ(store.stats_summary().records, 3u);
+  EXPECT_EQ(store.stats().records, 3u);
   // Caught up, and within the interval: no purge.
   for (int i = 0; i < 5; ++i) store.claim(expiring("second-" + std::to_string(i), 1ms));
   std::this_thread::sleep_for(20ms);
   store.claim(expiring("trigger-4", 60s));
-  EXPECT_EQ(store.stats_summary().records, 9u);
+  EXPECT_EQ(store.stats().records, 9u);
 }
 
 TEST(PostgresOperators, InspectStatsAndForget) {
@@ -227,7 +227,7 @@ TEST(PostgresOperators, InspectStatsAndForget) {
   EXPECT_EQ(info->response, std::string("r\0r", 3));
   EXPECT_GT(info->expires_in_ms, 3'500'000);
   store.claim(ClaimRequest{.key = "other", .lease = 30s});
-  const idem::StoreStats stats = store.stats_summary();
+  const idem::StoreStats stats = store.stats();
   EXPECT_EQ(stats.records, 2u);
   EXPECT_EQ(stats.done, 1u);
   EXPECT_EQ(stats.in_progress, 1u);

@@ -63,7 +63,7 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
       "cluster: moved %zu keys of slot %u while %zu deliveries were acked; %llu "
       "redirects followed\n",
       moved, static_cast<unsigned>(hot), acked_during,
-      static_cast<unsigned long long>(store.stats().redirects));
+      static_cast<unsigned long long>(store.counters().redirects));
 
   std::size_t twice = 0;
   for (std::size_t i = 0; i < kKeys; ++i) twice += keys.runs[i] > 1;
@@ -72,7 +72,7 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
   EXPECT_EQ(keys.acked(), total);
   EXPECT_GT(moved, 0u);
   EXPECT_EQ(cluster.owner(hot), to);
-  EXPECT_GT(store.stats().redirects, 0u) << "the consumers met the moved slot";
+  EXPECT_GT(store.counters().redirects, 0u) << "the consumers met the moved slot";
   // The records of the hot slot, its token counter included, now live on the new owner, and
   // a redelivery there is a duplicate.
   EXPECT_GT(
@@ -80,7 +80,7 @@ TEST(RedisStoreCluster, ThreeMastersWithASlotMigrationMidRunProcessEachKeyOnce) 
       kKeys / 10);
   EXPECT_EQ(consumer.consume({.key = names[0], .payload = "p"}).outcome, Outcome::duplicate);
   // The operator hooks see every record on every master, the migrated slot included.
-  const idem::StoreStats s = store.stats_summary();
+  const idem::StoreStats s = store.stats();
   EXPECT_EQ(s.records, kKeys);
   EXPECT_EQ(s.done, kKeys);
   EXPECT_EQ(s.in_progress, 0u);
@@ -128,7 +128,7 @@ TEST(RedisStoreCluster, WaitStillFollowsRedirectsFromAMasterTurnedReplica) {
   idem::Claim c = store.claim(request(key));
   EXPECT_EQ(c.status, ClaimStatus::acquired);
   EXPECT_TRUE(store.complete({.key = key, .token = c.token}));
-  EXPECT_GT(store.stats().redirects, 0u);
+  EXPECT_GT(store.counters().redirects, 0u);
   EXPECT_EQ(store.claim(request(key)).status, ClaimStatus::done);
 }
 
@@ -255,8 +255,8 @@ TEST(RedisStoreCluster, WaitersOnEveryMasterAreWokenByNotification) {
     EXPECT_TRUE(store.complete({.key = keys[i], .token = claims[i].token, .response = keys[i]}));
   }
   for (std::thread& t : waiters) t.join();
-  EXPECT_EQ(store.stats().waits_woken, 3u);
-  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  EXPECT_EQ(store.counters().waits_woken, 3u);
+  EXPECT_EQ(store.counters().wait_fallbacks, 0u);
   for (const std::string& key : keys) EXPECT_EQ(store.claim(request(key)).response, key);
 }
 

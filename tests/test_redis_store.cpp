@@ -121,7 +121,7 @@ TEST(RedisStore, ScriptCacheFlushIsSurvived) {
   EXPECT_NE(shared_server().cli("SCRIPT FLUSH").find("OK"), std::string::npos);
   EXPECT_EQ(store.claim(request("b")).status, ClaimStatus::acquired);
   EXPECT_EQ(store.claim(request("a")).status, ClaimStatus::in_progress);
-  EXPECT_GE(store.stats().script_loads, 6u);
+  EXPECT_GE(store.counters().script_loads, 6u);
 }
 
 // A server that lost its script cache refuses the calls with NOSCRIPT; the store reloads the
@@ -173,7 +173,7 @@ TEST(RedisStore, WaitIsResentAfterScriptsResentForNoscript) {
   ASSERT_EQ(::kill(replica.pid(), SIGSTOP), 0);
   EXPECT_NE(master.cli("SCRIPT FLUSH").find("OK"), std::string::npos);
   EXPECT_THROW(fresh.claim(request("unconfirmed")), idem::StoreUnavailable);
-  EXPECT_GE(fresh.stats().script_loads, 6u) << "the scripts were reloaded";
+  EXPECT_GE(fresh.counters().script_loads, 6u) << "the scripts were reloaded";
   ASSERT_EQ(::kill(replica.pid(), SIGCONT), 0);
 }
 
@@ -304,7 +304,7 @@ TEST(RedisStoreOperator, StatsCountRecordsUnderThePrefixOnly) {
   RedisStore store(options_for(shared_server().port(), "stats"));
   RedisStore other(options_for(shared_server().port(), "stats-other"));
   ASSERT_EQ(other.claim(request("elsewhere")).status, ClaimStatus::acquired);
-  idem::StoreStats s = store.stats_summary();
+  idem::StoreStats s = store.stats();
   EXPECT_EQ(s.records, 0u);
 
   // 1 500 done (more than one SCAN batch), 3 in progress, 1 released.
@@ -325,7 +325,7 @@ TEST(RedisStoreOperator, StatsCountRecordsUnderThePrefixOnly) {
   const idem::Claim gone = store.claim(request("released"));
   ASSERT_TRUE(store.release("released", gone.token));
 
-  s = store.stats_summary();
+  s = store.stats();
   EXPECT_EQ(s.records, 1'503u);
   EXPECT_EQ(s.done, 1'500u);
   EXPECT_EQ(s.in_progress, 3u);
@@ -337,7 +337,7 @@ TEST(RedisStoreOperator, PurgeExpiredHasNothingToDo) {
   RedisStore store(options_for(shared_server().port(), "purge"));
   ASSERT_EQ(store.claim(request("brief", 1ms)).status, ClaimStatus::acquired);
   std::this_thread::sleep_for(20ms);
-  EXPECT_EQ(store.purge_expired_records(1'000), 0u);
+  EXPECT_EQ(store.purge_expired(1'000), 0u);
   EXPECT_FALSE(store.inspect("brief").has_value()) << "Redis expired it already (PX)";
 }
 

@@ -45,7 +45,7 @@ TEST(RedisStoreWait, CompletionReleaseAndForgetWakeTheWaiterByNotification) {
   EXPECT_TRUE(store.release("w-released", released.token));
   EXPECT_TRUE(store.forget("w-forgotten"));
   for (std::thread& t : waiters) t.join();
-  const idem::RedisStoreStats stats = store.stats();
+  const idem::RedisStoreStats stats = store.counters();
   EXPECT_EQ(stats.waits_woken, 3u);
   EXPECT_EQ(stats.waits_timed_out, 0u);
   EXPECT_EQ(stats.wait_fallbacks, 0u);
@@ -66,8 +66,8 @@ TEST(RedisStoreWait, AKeyAlreadySettledIsSeenOnceSubscribed) {
   ASSERT_EQ(expired.status, ClaimStatus::acquired);
   std::this_thread::sleep_for(100ms);
   store.await_change("s-2", kLongWait);  // lease over: the next claim takes it over
-  EXPECT_EQ(store.stats().waits_settled, 3u);
-  EXPECT_EQ(store.stats().waits_woken, 0u);
+  EXPECT_EQ(store.counters().waits_settled, 3u);
+  EXPECT_EQ(store.counters().waits_woken, 0u);
 }
 
 TEST(RedisStoreWait, AWaitingConsumerGetsTheCompletedResponseAsADuplicate) {
@@ -110,7 +110,7 @@ TEST(RedisStoreWait, TheWaitRunsOutCleanly) {
       store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 300ms});
   EXPECT_EQ(second.consume({.key = "o-1", .payload = "p"}).outcome, Outcome::in_progress);
   EXPECT_EQ(runs, 0);
-  const idem::RedisStoreStats stats = store.stats();
+  const idem::RedisStoreStats stats = store.counters();
   EXPECT_GE(stats.waits_timed_out, 1u);
   EXPECT_EQ(stats.waits_woken, 0u);
   EXPECT_EQ(stats.wait_fallbacks, 0u);
@@ -136,7 +136,7 @@ TEST(RedisStoreWait, WithoutChannelPermissionsCompletionsWorkAndWaitsPause) {
   const idem::Claim c = store.claim(request("a-1"));
   ASSERT_EQ(c.status, ClaimStatus::acquired);
   store.await_change("a-1", 50ms);
-  EXPECT_EQ(store.stats().wait_fallbacks, 1u);
+  EXPECT_EQ(store.counters().wait_fallbacks, 1u);
   EXPECT_TRUE(store.complete({.key = "a-1", .token = c.token, .response = "r"}));
   EXPECT_EQ(store.claim(request("a-1")).response, "r");
   const idem::Claim other = store.claim(request("a-2"));
@@ -164,7 +164,7 @@ TEST(RedisStoreWait, AChangeRacingTheSubscriptionIsNeverMissed) {
     }
     waiter.join();
   }
-  const idem::RedisStoreStats stats = store.stats();
+  const idem::RedisStoreStats stats = store.counters();
   EXPECT_EQ(stats.waits_timed_out, 0u);
   EXPECT_EQ(stats.wait_fallbacks, 0u);
   EXPECT_EQ(stats.waits_woken + stats.waits_settled, static_cast<std::uint64_t>(rounds));
@@ -198,8 +198,8 @@ TEST(RedisStoreWait, AServerRestartedBetweenWaitsIsNoticedAndWaitsAreWokenAgain)
   server.stop();
   server.start();
   woken_by_completion("x-2");
-  EXPECT_EQ(store.stats().waits_woken, 2u);
-  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  EXPECT_EQ(store.counters().waits_woken, 2u);
+  EXPECT_EQ(store.counters().wait_fallbacks, 0u);
 }
 
 // Two processes: the holder is another process; the waiter hears of its completion.
@@ -241,8 +241,8 @@ TEST(RedisStoreWait, AWaiterInAnotherProcessIsWokenByTheHoldersCompletion) {
   wait_for_waiters(store, 1);
   ASSERT_EQ(::write(go[1], "g", 1), 1);
   waiter.join();
-  EXPECT_EQ(store.stats().waits_woken, 1u);
-  EXPECT_EQ(store.stats().waits_timed_out, 0u);
+  EXPECT_EQ(store.counters().waits_woken, 1u);
+  EXPECT_EQ(store.counters().waits_timed_out, 0u);
   // A consumer's wait: the duplicate carries the other process's response.
   std::atomic<int> runs{0};
   idem::IdempotentConsumer consumer(
@@ -294,7 +294,7 @@ TEST(RedisStoreWait, AWaiterTakesOverFromACrashedHolderProcessAfterTheLease) {
   EXPECT_EQ(result.outcome, Outcome::processed);
   EXPECT_EQ(runs, 1);
   EXPECT_EQ(store.claim(request("c-1")).response, "taken-over-1");
-  EXPECT_EQ(store.stats().wait_fallbacks, 0u);
+  EXPECT_EQ(store.counters().wait_fallbacks, 0u);
   ::close(ready[0]);
 }
 

@@ -40,8 +40,8 @@ using idem::Message;
 using idem::Outcome;
 using idem::Result;
 using idem::SqliteBlob;
+using idem::SqliteOptions;
 using idem::SqliteStore;
-using idem::SqliteStoreOptions;
 using idem::SqliteTx;
 
 using idem::test_support::sqlite::RawDb;
@@ -56,9 +56,7 @@ class SqliteInbox : public ::testing::Test {
     store_.transaction(
         [](SqliteTx& tx) { tx.exec("CREATE TABLE cards(msg TEXT NOT NULL, key BLOB NOT NULL)"); });
   }
-  SqliteStoreOptions options() {
-    return {.synchronous = idem::SqliteSync::normal, .clock = &clock_};
-  }
+  SqliteOptions options() { return {.synchronous = idem::SqliteSync::normal, .clock = &clock_}; }
   std::int64_t cards() { return RawDb(dir_.file("inbox.db")).scalar("SELECT count(*) FROM cards"); }
   std::int64_t records() {
     return RawDb(dir_.file("inbox.db")).scalar("SELECT count(*) FROM idem_keys");
@@ -361,15 +359,15 @@ TEST_F(SqliteInbox, OperatorHooksInspectCountAndPurge) {
   EXPECT_EQ(info->response, "r");
   EXPECT_EQ(store_.inspect("held")->state, idem::RecordInfo::State::in_progress);
   EXPECT_FALSE(store_.inspect("absent").has_value());
-  idem::StoreStats stats = store_.stats_summary();
+  idem::StoreStats stats = store_.stats();
   EXPECT_EQ(stats.records, 2u);
   EXPECT_EQ(stats.in_progress, 1u);
   EXPECT_EQ(stats.done, 1u);
   EXPECT_GT(stats.bytes, 0u);
   clock_.advance(20'000);  // the lease has ended
-  EXPECT_EQ(store_.stats_summary().in_progress, 0u);
-  EXPECT_EQ(store_.purge_expired_records(100), 1u);
-  EXPECT_EQ(store_.stats_summary().records, 1u);
+  EXPECT_EQ(store_.stats().in_progress, 0u);
+  EXPECT_EQ(store_.purge_expired(100), 1u);
+  EXPECT_EQ(store_.stats().records, 1u);
 }
 
 TEST_F(SqliteInbox, DoneRecordsSurviveReopening) {

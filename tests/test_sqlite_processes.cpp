@@ -43,8 +43,8 @@ using idem::Message;
 using idem::Outcome;
 using idem::Result;
 using idem::SqliteBlob;
+using idem::SqliteOptions;
 using idem::SqliteStore;
-using idem::SqliteStoreOptions;
 using idem::SqliteTx;
 using idem::test_support::env_or;
 using idem::test_support::signal_fd;
@@ -113,7 +113,7 @@ int crash_child() {
 int race_child() {
   const std::string path = env_or("IDEM_DB", "");
   const std::size_t keys = std::stoul(env_or("IDEM_N", "0"));
-  const SqliteStoreOptions options{.busy_timeout = 60s, .synchronous = idem::SqliteSync::normal};
+  const SqliteOptions options{.busy_timeout = 60s, .synchronous = idem::SqliteSync::normal};
   SqliteStore a(path, options), b(path, options);
   std::mutex mutex;
   std::vector<std::int64_t> claimed_runs;

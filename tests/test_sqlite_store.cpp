@@ -36,7 +36,6 @@
 namespace {
 
 using namespace std::chrono_literals;
-using idem::test_support::wait_exit_code;
 using idem::ClaimRequest;
 using idem::ClaimStatus;
 using idem::IdempotentConsumer;
@@ -44,9 +43,10 @@ using idem::Message;
 using idem::Outcome;
 using idem::Result;
 using idem::SqliteBlob;
+using idem::SqliteOptions;
 using idem::SqliteStore;
-using idem::SqliteStoreOptions;
 using idem::SqliteTx;
+using idem::test_support::wait_exit_code;
 
 using idem::test_support::sqlite::RawDb;
 using idem::test_support::sqlite::TempDir;
@@ -60,7 +60,7 @@ struct SqliteStoreFactory {
   std::unique_ptr<idem::DedupStore> make() {
     return std::make_unique<SqliteStore>(
         dir.file("conformance.db"),
-        SqliteStoreOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
+        SqliteOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
   }
   void advance(std::chrono::milliseconds ms) { clock.advance(ms.count()); }
   // Every consume is one or two commits: fewer keys than the in-memory stores race on.
@@ -74,7 +74,7 @@ struct SqliteInboxFactory {
   std::unique_ptr<Store> make() {
     auto store = std::make_unique<SqliteStore>(
         dir.file("inbox-conformance.db"),
-        SqliteStoreOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
+        SqliteOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
     store->transaction([](SqliteTx& tx) { tx.exec("CREATE TABLE effects(key BLOB NOT NULL)"); });
     return store;
   }

@@ -70,12 +70,15 @@ StoreStats scan_records(Router& router, const std::string& key_prefix) {
         const redisReply* mem = replies[3 * i + 2].get();
         // Gone since the SCAN (expired, released, moved to another node): not counted.
         if (head->type != REDIS_REPLY_STRING || head->len == 0) continue;
+        const ParsedRecord p = parse_record(std::string_view(head->str, head->len));
+        if (!p.ok) {  // another program's key under the prefix: not a record
+          ++stats.foreign;
+          continue;
+        }
         ++stats.records;
         if (mem->type == REDIS_REPLY_INTEGER && mem->integer > 0) {
           stats.bytes += static_cast<std::uint64_t>(mem->integer);
         }
-        const ParsedRecord p = parse_record(std::string_view(head->str, head->len));
-        if (!p.ok) continue;
         if (p.state != 'p') {
           ++stats.done;
         } else if (ttl->type == REDIS_REPLY_INTEGER && ttl->integer > p.lease_ms) {

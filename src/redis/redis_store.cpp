@@ -403,7 +403,7 @@ std::string RedisStore::notification_channel(std::string_view key) const {
   return impl_->channel_of(key_slot(impl_->record_key(key)));
 }
 
-RedisStoreStats RedisStore::stats() const {
+RedisStoreStats RedisStore::counters() const {
   const auto& c = impl_->counters;
   return RedisStoreStats{.round_trips = c.round_trips.load(std::memory_order_relaxed),
                          .commands = c.commands.load(std::memory_order_relaxed),
@@ -460,7 +460,7 @@ void RedisStore::do_await_change(std::string_view key, std::chrono::milliseconds
   impl_->await_change(key, max_wait);
 }
 
-StoreStats RedisStore::do_stats_summary() {
+StoreStats RedisStore::do_stats() {
   return advised("nothing was changed: retry",
                  [&] { return scan_records(impl_->router, impl_->options.key_prefix); });
 }

@@ -14,7 +14,7 @@ using detail::Step;
 using detail::sqlite::kDone;
 using detail::sqlite::kInProgress;
 
-SqliteStore::Impl::Impl(std::string path, const SqliteStoreOptions& opts)
+SqliteStore::Impl::Impl(std::string path, const SqliteOptions& opts)
     : options(opts),
       clock(opts.clock != nullptr ? opts.clock : &system_clock()),
       conn(std::move(path), opts.busy_timeout) {
@@ -92,7 +92,7 @@ SqliteStore::Impl::Impl(std::string path, const SqliteStoreOptions& opts)
 }
 
 namespace {
-SqliteStoreOptions checked(const std::string& path, const SqliteStoreOptions& options) {
+SqliteOptions checked(const std::string& path, const SqliteOptions& options) {
   if (path.empty()) {
     throw ConfigError(
         "sqlite store: the path is empty: give the database file's path (\":memory:\" for a "
@@ -107,7 +107,7 @@ SqliteStoreOptions checked(const std::string& path, const SqliteStoreOptions& op
 }
 }  // namespace
 
-SqliteStore::SqliteStore(std::string path, SqliteStoreOptions options)
+SqliteStore::SqliteStore(std::string path, SqliteOptions options)
     : impl_(std::make_unique<Impl>(path, checked(path, options))) {}
 
 SqliteStore::~SqliteStore() = default;
@@ -229,7 +229,7 @@ std::optional<RecordInfo> SqliteStore::do_inspect(std::string_view key) {
   return info;
 }
 
-StoreStats SqliteStore::do_stats_summary() {
+StoreStats SqliteStore::do_stats() {
   Lock lock(*impl_);
   const std::int64_t now = impl_->clock->now_ms();
   StoreStats stats;

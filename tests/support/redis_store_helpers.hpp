@@ -89,7 +89,7 @@ std::string unavailable_message(F&& f) {
 // a change made from now on can only reach them as a notification.
 inline void wait_for_waiters(const RedisStore& store, std::uint64_t n) {
   const auto give_up = std::chrono::steady_clock::now() + 30s;
-  while (store.stats().waiting < n) {
+  while (store.counters().waiting < n) {
     if (std::chrono::steady_clock::now() > give_up) {
       ADD_FAILURE() << "no waiter subscribed within 30 s";
       return;

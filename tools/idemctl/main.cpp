@@ -166,13 +166,18 @@ int inspect(const Args& args) {
 
 int stats(const Args& args) {
   return with_store(args, [&](idem::DedupStore& store) {
-    const idem::StoreStats s = store.stats_summary();
+    const idem::StoreStats s = store.stats();
     std::cout << "store:       " << store.name() << '\n'
               << "records:     " << s.records << '\n'
               << "in_progress: " << s.in_progress << '\n'
               << "done:        " << s.done << '\n'
               << "bytes:       " << s.bytes << '\n'
               << "evictions:   " << s.evictions << '\n';
+    if (s.foreign > 0) {
+      std::cout << "foreign:     " << s.foreign
+                << "  (keys under the prefix that are not idem records: another program "
+                   "shares the prefix)\n";
+    }
     return static_cast<int>(exit_ok);
   });
 }
@@ -199,7 +204,7 @@ int forget(const Args& args) {
 
 int purge_expired(const Args& args) {
   return with_store(args, [&](idem::DedupStore& store) {
-    const std::size_t purged = store.purge_expired_records(args.max_records);
+    const std::size_t purged = store.purge_expired(args.max_records);
     std::cout << "purged " << purged << " expired record" << (purged == 1 ? "" : "s") << '\n';
     return static_cast<int>(exit_ok);
   });

@@ -94,8 +94,8 @@ struct RedisStoreStats {
 /// Fencing tokens come from INCR on a per-hash-slot counter, so they strictly increase per
 /// key across releases, expiries and takeovers. See docs/stores/redis.md.
 ///
-/// Operator hooks (idemctl): inspect() reads one record, stats_summary() SCANs every master,
-/// purge_expired_records() returns 0 (Redis expires records on its own; nothing to purge).
+/// Operator hooks (idemctl): inspect() reads one record, stats() SCANs every master,
+/// purge_expired() returns 0 (Redis expires records on its own; nothing to purge).
 ///
 /// Waiting (await_change, used by Options::in_progress_wait): completions, releases and
 /// forgets announce the key on a sharded pub/sub channel of its slot (SPUBLISH, Redis 7; on
@@ -130,7 +130,9 @@ class RedisStore final : public DedupStore {
   /// `PUBSUB SHARDNUMSUB` or an ACL rule.
   std::string notification_channel(std::string_view key) const;
 
-  RedisStoreStats stats() const;
+  /// @brief The store's own counters since construction (no server call; cheap to poll).
+  /// stats() gives the store-wide StoreStats every backend has (a SCAN).
+  RedisStoreStats counters() const;
   const RedisOptions& options() const noexcept;
   std::string_view name() const noexcept override { return "redis"; }
 
@@ -151,7 +153,7 @@ class RedisStore final : public DedupStore {
   /// scrape. `records` counts every record found; `in_progress` only live leases, so a record
   /// in its takeover grace is in `records` alone. `bytes` sums MEMORY USAGE (0 where that
   /// command is refused); `evictions` stays 0. Approximate while keys expire or slots migrate.
-  StoreStats do_stats_summary() override;
+  StoreStats do_stats() override;
   /// Always 0: Redis expires every record itself (PX on each write: in-progress records after
   /// two leases, done ones after the retention), so there is never anything left to purge.
   std::size_t do_purge_expired(std::size_t /*max_records*/) override { return 0; }
