@@ -1,21 +1,22 @@
 // idemctl: generate inner message ids and inspect, count, purge and forget dedup records.
-// Exit codes: see ExitCode in open_store.hpp (0 ok, 1 no such key, 2 usage or bad url,
+// Exit codes: see ExitCode in exit_code.hpp (0 ok, 1 no such key, 2 usage or bad url,
 // 3 store unreachable or failed, 4 unsupported, 5 not confirmed).
 
 #include <CLI/CLI.hpp>
 
 #include <unistd.h>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <optional>
 #include <string>
 
+#include "exit_code.hpp"
 #include "idem/dedup_store.hpp"
 #include "idem/error.hpp"
 #include "idem/inner_msg_id.hpp"
-#include "open_store.hpp"
-#include "store_url.hpp"
+#include "idem/open_store.hpp"
 
 namespace {
 
@@ -28,6 +29,7 @@ struct Args {
   bool hex = false;
   bool yes = false;
   std::size_t max_records = SIZE_MAX;
+  long long busy_timeout_ms = 5000;
 };
 
 int fail(int code, const std::string& message) {
@@ -96,31 +98,35 @@ std::string_view state_name(idem::RecordInfo::State state) {
 // Opens the store and runs op on it, mapping every failure to its exit code.
 template <class Op>
 int with_store(const Args& args, Op&& op) {
-  StoreUrl url;
+  idem::StoreUrl url;
   try {
-    url = parse_store_url(args.url);
-  } catch (const BadUrl& e) {
+    url = idem::parse_store_url(args.url);
+  } catch (const idem::BadStoreUrl& e) {
     return fail(exit_usage, e.what());
   }
   std::unique_ptr<idem::DedupStore> store;
   try {
-    store = open_store(url);
-  } catch (const BackendNotBuilt& e) {
+    // Never create a database (an operator's typo must leave nothing behind); one connection.
+    store = idem::open_store(url, {.must_exist = true,
+                                   .busy_timeout = std::chrono::milliseconds(args.busy_timeout_ms),
+                                   .pool_size = 1});
+  } catch (const idem::StoreBackendNotBuilt& e) {
     return fail(exit_unsupported, e.what());
   } catch (const idem::ConfigError& e) {
-    return fail(exit_usage,
-                std::string("bad store url \"") + redacted(args.url) + "\": " + e.what());
+    return fail(exit_usage, std::string("bad store url \"") + idem::redact_store_url(args.url) +
+                                "\": " + e.what());
   } catch (const idem::StoreUnavailable& e) {
     return fail(exit_unavailable,
-                std::string("cannot reach ") + redacted(args.url) + ": " + e.what());
+                std::string("cannot reach ") + idem::redact_store_url(args.url) + ": " + e.what());
   } catch (const std::exception& e) {
     return fail(exit_unavailable,
-                std::string("cannot open ") + redacted(args.url) + ": " + e.what());
+                std::string("cannot open ") + idem::redact_store_url(args.url) + ": " + e.what());
   }
   try {
     return op(*store);
   } catch (const idem::ConfigError& e) {
-    // DedupStore's default operator hooks throw ConfigError: the backend lacks the operation.
+    // DedupStore's default operator hooks throw ConfigError (the backend lacks the operation),
+    // and so does a record the store cannot read (another program's key): retrying won't help.
     return fail(exit_unsupported, e.what());
   } catch (const idem::InvalidMessage& e) {
     return fail(exit_usage, e.what());
@@ -187,7 +193,8 @@ int forget(const Args& args) {
   if (!key) return exit_usage;
   return with_store(args, [&](idem::DedupStore& store) {
     if (!args.yes) {
-      std::cerr << "Forget key \"" << printable(*key) << "\" in " << redacted(args.url)
+      std::cerr << "Forget key \"" << printable(*key) << "\" in "
+                << idem::redact_store_url(args.url)
                 << "? A redelivery of its message will be processed again. [y/N] " << std::flush;
       std::string answer;
       if (!std::getline(std::cin, answer) || (answer != "y" && answer != "yes")) {
@@ -215,10 +222,10 @@ int purge_expired(const Args& args) {
 int main(int argc, char** argv) {
   CLI::App app{"idemctl: inner message ids and operator access to idem dedup stores.\n"};
   app.footer(
-      "Store urls: sqlite:///path/to/db, redis://[[user]:password@]host[:port][/db]"
+      "Store urls: memory:, sqlite:///path/to/db, redis://[[user]:password@]host[:port][/db]"
       "[?prefix=P&timeout_ms=N],\n  postgres://[user[:password]@]host[:port]/dbname"
       "[?libpq-param=value&schema=S] (or postgresql://)\nBackends in this build: " +
-      std::string(built_backends()) +
+      std::string(idem::open_store_backends()) +
       "\nExit codes: 0 ok, 1 no such key, 2 usage or bad url, 3 store unreachable or failed, "
       "4 unsupported, 5 not confirmed");
   app.require_subcommand(1);
@@ -234,6 +241,9 @@ int main(int argc, char** argv) {
     sub->add_option("store-url", args.url,
                     "sqlite:///path/db, redis://host:port/db?prefix=P or postgres://host/db")
         ->required();
+    sub->add_option("--busy-timeout", args.busy_timeout_ms,
+                    "SQLite: milliseconds to wait for another process's lock (default 5000)")
+        ->check(CLI::Range(0LL, 3'600'000LL));
   };
   auto add_key = [&](CLI::App* sub) {
     sub->add_option("key", args.key, "The biz-id (Message::key)")->required();
