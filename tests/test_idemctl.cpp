@@ -381,8 +381,13 @@ TEST(Idemctl, SqliteReadCommandsDoNotWaitForAConsumersTransaction) {
     Exited run = idemctl({"inspect", "sqlite://" + path, "pay-1"});
     EXPECT_EQ(run.code, 0) << run.err;
     EXPECT_NE(run.out.find("state:    done"), std::string::npos) << run.out;
-    run = idemctl({"stats", "sqlite://" + path});
+    run = idemctl({"stats", "--busy-timeout", "0", "sqlite://" + path});
     EXPECT_EQ(run.code, 0) << run.err;
+    EXPECT_NE(run.out.find("done:        1"), std::string::npos) << run.out;
+    // A write does need the lock: with --busy-timeout 0 it fails at once, saying why.
+    run = idemctl({"purge-expired", "--busy-timeout", "0", "sqlite://" + path});
+    EXPECT_EQ(run.code, 3) << run.out;
+    EXPECT_NE(run.err.find("SQLITE_BUSY"), std::string::npos) << run.err;
     // A second store (another consumer process) opens too.
     EXPECT_NO_THROW(idem::SqliteStore second(path, {.busy_timeout = 0ms}));
   });
@@ -514,6 +519,57 @@ TEST(Idemctl, RedisRoundTrip) {
   EXPECT_EQ(consumer.consume({.key = "pay-1"}).outcome, idem::Outcome::processed);
   EXPECT_EQ(consumer.consume({.key = "pay-2"}).outcome, idem::Outcome::duplicate);
   EXPECT_EQ(runs, 1);
+}
+
+// A key under the prefix that another program wrote is not a passing outage: inspect says what
+// it is without advising a retry, and stats counts it apart from the records.
+TEST(Idemctl, RedisKeyThatIsNotAnIdemRecord) {
+  idem::test_support::RedisServer server;
+  const std::string url = "redis://127.0.0.1:" + std::to_string(server.port()) + "?prefix=ops:";
+  server.cli("SET ops:k:stray hello");
+  Exited run = idemctl({"inspect", url, "stray"});
+  EXPECT_EQ(run.code, 4) << run.err;
+  EXPECT_NE(run.err.find("does not hold an idem record"), std::string::npos) << run.err;
+  EXPECT_EQ(run.err.find(": retry"), std::string::npos) << run.err;
+  EXPECT_NE(run.err.find("retrying will not help"), std::string::npos) << run.err;
+  run = idemctl({"stats", url});
+  ASSERT_EQ(run.code, 0) << run.err;
+  EXPECT_NE(run.out.find("records:     0"), std::string::npos) << run.out;
+  EXPECT_NE(run.out.find("foreign:     1"), std::string::npos) << run.out;
+}
+#endif
+
+TEST(Idemctl, FriendlyErrorsForBadArguments) {
+  // A negative count: one line saying what to give, not CLI11's range up to DBL_MAX.
+  Exited run = idemctl({"purge-expired", "sqlite:///tmp/x.db", "--max", "-5"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("\"-5\" is not a positive whole number"), std::string::npos) << run.err;
+  EXPECT_LT(run.err.size(), 200u) << run.err;
+  run = idemctl({"inspect", "--hex", "sqlite:///tmp/x.db", "zz"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("character 1 ('z') is not a hex digit"), std::string::npos) << run.err;
+  run = idemctl({"inspect", "--hex", "sqlite:///tmp/x.db", "abc"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("not a whole number of bytes"), std::string::npos) << run.err;
+  run = idemctl({"stats", "memory:"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("inside one process"), std::string::npos) << run.err;
+  run = idemctl({"stats", "sqlite", "--busy-timeout", "-1"});
+  EXPECT_EQ(run.code, 2);
+}
+
+#ifdef IDEM_HAVE_SQLITE
+// sqlite:/path (one slash) is the same store as sqlite:///path, not "no scheme".
+TEST(Idemctl, SqliteUrlWithOneSlashNamesTheFile) {
+  TempDir dir;
+  const std::string path = (dir.path / "one-slash.db").string();
+  Exited run = idemctl({"stats", "sqlite:" + path});
+  EXPECT_EQ(run.code, 3);
+  EXPECT_NE(run.err.find("no SQLite database at \"" + path + "\""), std::string::npos) << run.err;
+  { idem::SqliteStore create(path); }
+  run = idemctl({"stats", "sqlite:" + path});
+  EXPECT_EQ(run.code, 0) << run.err;
+  EXPECT_NE(run.out.find("store:       sqlite"), std::string::npos) << run.out;
 }
 #endif
 

@@ -26,6 +26,9 @@ struct OpenStoreOptions {
   /// SQLite: fail (idem::StoreUnavailable) when the file does not exist instead of creating
   /// it; an operator's typo then leaves no empty database behind.
   bool must_exist = false;
+  /// SQLite: open for reading only (SqliteOptions::read_only): inspect and stats work and
+  /// never wait behind a writer; writes fail. Implies must_exist.
+  bool read_only = false;
   /// SQLite: how long to wait for another connection's lock (SqliteOptions::busy_timeout).
   std::chrono::milliseconds busy_timeout{5000};
   /// Redis: send PING at once, so a wrong address or password is reported here.

@@ -26,12 +26,13 @@ std::unique_ptr<DedupStore> open_sqlite([[maybe_unused]] const SqliteUrl& url,
                                         [[maybe_unused]] const OpenStoreOptions& options) {
 #ifdef IDEM_HAVE_SQLITE
   std::error_code ec;
-  if (options.must_exist && !std::filesystem::is_regular_file(url.path, ec)) {
+  if ((options.must_exist || options.read_only) &&
+      !std::filesystem::is_regular_file(url.path, ec)) {
     throw StoreUnavailable("no SQLite database at \"" + url.path +
                            "\": check the path (it is not created here)");
   }
-  return std::make_unique<SqliteStore>(url.path,
-                                       SqliteOptions{.busy_timeout = options.busy_timeout});
+  return std::make_unique<SqliteStore>(url.path, SqliteOptions{.busy_timeout = options.busy_timeout,
+                                                               .read_only = options.read_only});
 #else
   throw StoreBackendNotBuilt(
       "this idem was built without the SQLite store (sqlite); rebuild with "

@@ -17,9 +17,10 @@ using detail::sqlite::kInProgress;
 SqliteStore::Impl::Impl(std::string path, const SqliteOptions& opts)
     : options(opts),
       clock(opts.clock != nullptr ? opts.clock : &system_clock()),
-      conn(std::move(path), opts.busy_timeout) {
-  // A private in-memory database has no file to share: it keeps its own journal mode.
-  if (!conn.in_memory()) {
+      conn(std::move(path), opts.busy_timeout, opts.read_only) {
+  // A private in-memory database has no file to share: it keeps its own journal mode. A
+  // read-only store reads the file in the mode its writers chose.
+  if (!conn.in_memory() && !opts.read_only) {
     conn.exec_script("PRAGMA journal_mode=WAL", "switching to WAL mode", detail::Phase::open);
     {
       StmtPtr mode = conn.prepare_internal("PRAGMA journal_mode");
@@ -37,7 +38,7 @@ SqliteStore::Impl::Impl(std::string path, const SqliteOptions& opts)
   conn.exec_script(opts.synchronous == SqliteSync::full ? "PRAGMA synchronous=FULL"
                                                         : "PRAGMA synchronous=NORMAL",
                    "setting PRAGMA synchronous", detail::Phase::open);
-  detail::sqlite::open_schema(conn);
+  detail::sqlite::open_schema(conn, opts.read_only);
 
   begin = conn.prepare_internal("BEGIN IMMEDIATE");
   commit = conn.prepare_internal("COMMIT");

@@ -5,12 +5,14 @@
 #include <CLI/CLI.hpp>
 
 #include <unistd.h>
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <optional>
 #include <string>
+#include <variant>
 
 #include "exit_code.hpp"
 #include "idem/dedup_store.hpp"
@@ -53,19 +55,29 @@ std::string printable(std::string_view bytes) {
   return out;
 }
 
-std::optional<std::string> unhex(std::string_view text) {
+// The bytes of hex text, or what is wrong with it.
+std::optional<std::string> unhex(std::string_view text, std::string& problem) {
   auto digit = [](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
     if (c >= 'A' && c <= 'F') return c - 'A' + 10;
     return -1;
   };
-  if (text.size() % 2 != 0) return std::nullopt;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (digit(text[i]) < 0) {
+      problem = "character " + std::to_string(i + 1) + " ('" + printable(text.substr(i, 1)) +
+                "') is not a hex digit (0-9, a-f)";
+      return std::nullopt;
+    }
+  }
+  if (text.empty() || text.size() % 2 != 0) {
+    problem = std::to_string(text.size()) +
+              " hex digits is not a whole number of bytes (two digits per byte, e.g. 00ff10)";
+    return std::nullopt;
+  }
   std::string out;
   for (std::size_t i = 0; i < text.size(); i += 2) {
-    const int hi = digit(text[i]), lo = digit(text[i + 1]);
-    if (hi < 0 || lo < 0) return std::nullopt;
-    out += static_cast<char>(hi * 16 + lo);
+    out += static_cast<char>(digit(text[i]) * 16 + digit(text[i + 1]));
   }
   return out;
 }
@@ -96,18 +108,27 @@ std::string_view state_name(idem::RecordInfo::State state) {
 }
 
 // Opens the store and runs op on it, mapping every failure to its exit code.
+// Read-only commands (inspect, stats) open SQLite read-only: they take no write lock and never
+// wait behind a consumer's transaction.
+enum class Access { read, write };
+
 template <class Op>
-int with_store(const Args& args, Op&& op) {
+int with_store(const Args& args, Access access, Op&& op) {
   idem::StoreUrl url;
   try {
     url = idem::parse_store_url(args.url);
   } catch (const idem::BadStoreUrl& e) {
     return fail(exit_usage, e.what());
   }
+  if (std::holds_alternative<idem::MemoryUrl>(url)) {
+    return fail(exit_usage,
+                "memory: names a store that lives inside one process: idemctl cannot reach it");
+  }
   std::unique_ptr<idem::DedupStore> store;
   try {
     // Never create a database (an operator's typo must leave nothing behind); one connection.
     store = idem::open_store(url, {.must_exist = true,
+                                   .read_only = access == Access::read,
                                    .busy_timeout = std::chrono::milliseconds(args.busy_timeout_ms),
                                    .pool_size = 1});
   } catch (const idem::StoreBackendNotBuilt& e) {
@@ -138,8 +159,9 @@ int with_store(const Args& args, Op&& op) {
 // The key argument, decoded from hex when asked; nullopt (after the message) when invalid.
 std::optional<std::string> key_of(const Args& args) {
   if (!args.hex) return args.key;
-  std::optional<std::string> key = unhex(args.key);
-  if (!key) fail(exit_usage, "--hex: \"" + args.key + "\" is not an even number of hex digits");
+  std::string problem;
+  std::optional<std::string> key = unhex(args.key, problem);
+  if (!key) fail(exit_usage, "--hex: \"" + printable(args.key) + "\": " + problem);
   return key;
 }
 
@@ -157,7 +179,7 @@ int gen_id(const Args& args) {
 int inspect(const Args& args) {
   const std::optional<std::string> key = key_of(args);
   if (!key) return exit_usage;
-  return with_store(args, [&](idem::DedupStore& store) {
+  return with_store(args, Access::read, [&](idem::DedupStore& store) {
     const std::optional<idem::RecordInfo> info = store.inspect(*key);
     if (!info) return fail(exit_missing_key, "no record of key \"" + printable(*key) + "\"");
     std::cout << "key:      " << printable(*key) << '\n'
@@ -171,7 +193,7 @@ int inspect(const Args& args) {
 }
 
 int stats(const Args& args) {
-  return with_store(args, [&](idem::DedupStore& store) {
+  return with_store(args, Access::read, [&](idem::DedupStore& store) {
     const idem::StoreStats s = store.stats();
     std::cout << "store:       " << store.name() << '\n'
               << "records:     " << s.records << '\n'
@@ -191,7 +213,7 @@ int stats(const Args& args) {
 int forget(const Args& args) {
   const std::optional<std::string> key = key_of(args);
   if (!key) return exit_usage;
-  return with_store(args, [&](idem::DedupStore& store) {
+  return with_store(args, Access::write, [&](idem::DedupStore& store) {
     if (!args.yes) {
       std::cerr << "Forget key \"" << printable(*key) << "\" in "
                 << idem::redact_store_url(args.url)
@@ -210,7 +232,7 @@ int forget(const Args& args) {
 }
 
 int purge_expired(const Args& args) {
-  return with_store(args, [&](idem::DedupStore& store) {
+  return with_store(args, Access::write, [&](idem::DedupStore& store) {
     const std::size_t purged = store.purge_expired(args.max_records);
     std::cout << "purged " << purged << " expired record" << (purged == 1 ? "" : "s") << '\n';
     return static_cast<int>(exit_ok);
@@ -268,8 +290,18 @@ int main(int argc, char** argv) {
 
   auto* purge = app.add_subcommand("purge-expired", "Delete expired records now");
   add_url(purge);
-  purge->add_option("--max", args.max_records, "Delete at most this many")
-      ->check(CLI::PositiveNumber);
+  purge->add_option("--max", args.max_records, "Delete at most this many (default: all)")
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            // Not CLI::PositiveNumber: its message prints the range up to DBL_MAX.
+            std::size_t value = 0;
+            const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+            if (ec != std::errc{} || end != text.data() + text.size() || value == 0) {
+              return "\"" + text + "\" is not a positive whole number of records (e.g. 100000)";
+            }
+            return {};
+          },
+          "COUNT"));
   purge->callback([&] { command = purge_expired; });
 
   try {

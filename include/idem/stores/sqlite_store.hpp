@@ -101,6 +101,11 @@ struct SqliteOptions {
   /// Records a purge step examines beyond twice the records inserted (keeps the sweep moving
   /// when few records are new).
   std::size_t purge_extra = 8;
+  /// Open the file for reading only (operators' inspect and stats): no write lock is ever
+  /// taken, so it never waits behind a consumer's transaction; the file must exist and hold
+  /// idem's tables (else idem::ConfigError), and every write fails with
+  /// idem::SqliteUnavailable (SQLITE_READONLY).
+  bool read_only = false;
 };
 
 /// @brief The old name of SqliteOptions.
