@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -299,6 +300,29 @@ TEST(SqliteBadInput, ReadOnlyFile) {
   }
   EXPECT_NE(message.find("read-only"), std::string::npos) << message;
   EXPECT_NE(message.find("SQLITE_READONLY"), std::string::npos) << message;
+}
+
+// A read-only store (what idemctl inspect/stats open) reads while another connection holds the
+// write lock, refuses writes clearly, and refuses a file without idem's tables.
+TEST(SqliteReadOnly, ReadsDuringAWriteTransactionAndRefusesWrites) {
+  TempDir dir;
+  const std::string path = dir.file("ro-store.db");
+  SqliteStore writer(path);
+  const idem::Claim c = writer.claim({.key = "k", .fingerprint = {}, .lease = 30s});
+  ASSERT_TRUE(writer.complete({.key = "k", .token = c.token, .response = "r"}));
+  writer.transaction([&](SqliteTx&) {
+    SqliteStore reader(path, {.busy_timeout = 0ms, .read_only = true});
+    const std::optional<idem::RecordInfo> info = reader.inspect("k");
+    ASSERT_TRUE(info.has_value());
+    EXPECT_EQ(info->response, "r");
+    EXPECT_EQ(reader.stats().done, 1u);
+    const std::string what = error_of([&] { reader.forget("k"); });
+    EXPECT_NE(what.find("SQLITE_READONLY"), std::string::npos) << what;
+  });
+  const std::string empty = dir.file("empty.db");
+  std::ofstream(empty).flush();  // an empty file is an empty SQLite database
+  const std::string what = error_of([&] { SqliteStore(empty, {.read_only = true}); });
+  EXPECT_NE(what.find("does not hold this idem's tables"), std::string::npos) << what;
 }
 
 TEST(SqliteBadInput, DatabaseLockedPastBusyTimeout) {
