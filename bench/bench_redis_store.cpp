@@ -29,7 +29,7 @@ idem::RedisOptions bench_options() {
 }
 
 void report(benchmark::State& state, const idem::RedisStore& store, std::int64_t messages) {
-  idem::RedisStoreStats s = store.stats();
+  idem::RedisStoreStats s = store.counters();
   state.SetItemsProcessed(messages);
   state.counters["redis_commands_per_second"] =
       benchmark::Counter(static_cast<double>(s.commands), benchmark::Counter::kIsRate);
@@ -44,7 +44,7 @@ void BM_ConsumeNew(benchmark::State& state) {
   idem::IdempotentConsumer consumer(store, [](const idem::Message&) {});
   std::string key = "order-0000000000";
   std::int64_t n = 0;
-  const idem::RedisStoreStats before = store.stats();
+  const idem::RedisStoreStats before = store.counters();
   for (auto _ : state) {
     key.replace(6, std::string::npos, std::to_string(n++));
     idem::Result r = consumer.consume({.key = key, .payload = "{\"amount\":10}"});
@@ -85,7 +85,7 @@ void BM_ConsumeDuplicateCached(benchmark::State& state) {
     ++n;
   }
   report(state, store, n);
-  state.counters["cache_hits"] = static_cast<double>(cached.cache_stats().hits);
+  state.counters["cache_hits"] = static_cast<double>(cached.counters().hits);
 }
 BENCHMARK(BM_ConsumeDuplicateCached)->UseRealTime();
 

@@ -32,6 +32,6 @@ int main(int argc, char** argv) {
     std::snprintf(key, sizeof key, "pay-%012zu", i);
     consumer.consume({.key = std::string_view(key, 16), .payload = "{}"});
   }
-  std::printf("%zu\n", store.stats().keys);
+  std::printf("%zu\n", store.counters().keys);
   return 0;
 }

@@ -21,8 +21,8 @@
 namespace {
 
 using namespace std::chrono_literals;
+using idem::CachedOptions;
 using idem::CachedStore;
-using idem::CachedStoreOptions;
 using idem::Claim;
 using idem::ClaimRequest;
 using idem::ClaimStatus;
@@ -34,8 +34,8 @@ struct CachedMemoryFactory {
   ManualClock clock;
   std::unique_ptr<MemoryStore> inner;
   std::unique_ptr<idem::DedupStore> make() {
-    inner = std::make_unique<MemoryStore>(idem::MemoryStoreOptions{.clock = &clock});
-    return std::make_unique<CachedStore>(*inner, CachedStoreOptions{.clock = &clock});
+    inner = std::make_unique<MemoryStore>(idem::MemoryOptions{.clock = &clock});
+    return std::make_unique<CachedStore>(*inner, CachedOptions{.clock = &clock});
   }
   void advance(std::chrono::milliseconds ms) { clock.advance(ms.count()); }
 };
@@ -47,8 +47,8 @@ struct CachedSqliteFactory {
   std::unique_ptr<idem::DedupStore> make() {
     inner = std::make_unique<idem::SqliteStore>(
         dir.file("cached.db"),
-        idem::SqliteStoreOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
-    return std::make_unique<CachedStore>(*inner, CachedStoreOptions{.clock = &clock});
+        idem::SqliteOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
+    return std::make_unique<CachedStore>(*inner, CachedOptions{.clock = &clock});
   }
   void advance(std::chrono::milliseconds ms) { clock.advance(ms.count()); }
   static constexpr std::size_t race_keys = 5'000;
@@ -115,10 +115,10 @@ ClaimRequest request(std::string_view key, std::string_view payload = "amount=10
 class CachedStoreTest : public ::testing::Test {
  protected:
   ManualClock clock;
-  MemoryStore memory{idem::MemoryStoreOptions{.clock = &clock}};
+  MemoryStore memory{idem::MemoryOptions{.clock = &clock}};
   CountingStore counting{memory};
   CountingMetrics metrics;
-  CachedStore cached{counting, CachedStoreOptions{.metrics = &metrics, .clock = &clock}};
+  CachedStore cached{counting, CachedOptions{.metrics = &metrics, .clock = &clock}};
 
   void process(std::string_view key, std::optional<std::string_view> response = std::nullopt) {
     Claim c = cached.claim(request(key));
@@ -137,7 +137,7 @@ TEST_F(CachedStoreTest, ADuplicateOfAKeyCompletedHereMakesNoStoreCall) {
     EXPECT_EQ(again.response, "card-7");
   }
   EXPECT_EQ(counting.calls(), before);
-  EXPECT_EQ(cached.cache_stats().hits, 100u);
+  EXPECT_EQ(cached.counters().hits, 100u);
   EXPECT_EQ(metrics[idem::Counter::cache_hits], 100u);
   EXPECT_EQ(metrics[idem::Counter::cache_misses], 1u);  // the first claim
 }
@@ -173,7 +173,7 @@ TEST_F(CachedStoreTest, ForgetThroughTheCacheDropsTheEntry) {
 }
 
 TEST_F(CachedStoreTest, AForgetElsewhereIsSeenOnceMaxTtlEnds) {
-  CachedStore short_lived(counting, CachedStoreOptions{.max_ttl = 2s, .clock = &clock});
+  CachedStore short_lived(counting, CachedOptions{.max_ttl = 2s, .clock = &clock});
   Claim c = short_lived.claim(request("pay-5"));
   ASSERT_TRUE(short_lived.complete({.key = "pay-5", .token = c.token, .retention = 10s}));
   memory.forget("pay-5");  // an operator, through another process
@@ -202,7 +202,7 @@ TEST_F(CachedStoreTest, InProgressAndReleasedKeysAreNeverCached) {
   Claim again = cached.claim(request("pay-7"));
   EXPECT_EQ(again.status, ClaimStatus::acquired);
   EXPECT_GT(again.token, held.token);
-  EXPECT_EQ(cached.cache_stats().entries, 0u);
+  EXPECT_EQ(cached.counters().entries, 0u);
 }
 
 TEST_F(CachedStoreTest, ALostLeaseIsNotCached) {
@@ -233,7 +233,7 @@ TEST_F(CachedStoreTest, BatchesServeHitsAndAskTheStoreForTheRest) {
 
 TEST(CachedStoreReplace, ATooBigResponseDropsTheEntryInsteadOfKeepingAStaleOne) {
   MemoryStore memory;
-  CachedStore cached(memory, CachedStoreOptions{.max_bytes = 512});
+  CachedStore cached(memory, CachedOptions{.max_bytes = 512});
   idem::IdempotentConsumer consumer(
       cached, [](const idem::Message&) { return std::string(1000, 'r'); },
       idem::Options{.mark = idem::Mark::before_processing});
@@ -273,14 +273,14 @@ TEST(CachedStoreReplace, AForgetRacingACompletionIsNotUndoneByIt) {
   Claim c = cached.claim(request("k"));
   ASSERT_TRUE(cached.complete({.key = "k", .token = c.token, .retention = 10s}));
   racing.during_complete = nullptr;
-  EXPECT_EQ(cached.cache_stats().entries, 0u);
+  EXPECT_EQ(cached.counters().entries, 0u);
   EXPECT_EQ(cached.claim(request("k")).status, ClaimStatus::acquired);  // the store forgot it
 }
 
 TEST(CachedStoreBounds, EntriesAndBytesStayWithinTheirBounds) {
   MemoryStore memory;
-  CachedStore by_entries(memory, CachedStoreOptions{.max_entries = 100});
-  CachedStore by_bytes(memory, CachedStoreOptions{.max_bytes = 16 * 1024});
+  CachedStore by_entries(memory, CachedOptions{.max_entries = 100});
+  CachedStore by_bytes(memory, CachedOptions{.max_bytes = 16 * 1024});
   const std::string response(200, 'r');
   for (int i = 0; i < 2000; ++i) {
     for (CachedStore* store : {&by_entries, &by_bytes}) {
@@ -290,26 +290,26 @@ TEST(CachedStoreBounds, EntriesAndBytesStayWithinTheirBounds) {
       ASSERT_TRUE(store->complete({.key = key, .token = c.token, .response = response}));
     }
   }
-  EXPECT_EQ(by_entries.cache_stats().entries, 100u);
-  EXPECT_LE(by_bytes.cache_stats().bytes, 16u * 1024);
-  EXPECT_GT(by_bytes.cache_stats().entries, 10u);
+  EXPECT_EQ(by_entries.counters().entries, 100u);
+  EXPECT_LE(by_bytes.counters().bytes, 16u * 1024);
+  EXPECT_GT(by_bytes.counters().entries, 10u);
   // The most recent keys are the ones kept.
-  const int claims_before = static_cast<int>(by_entries.cache_stats().misses);
+  const int claims_before = static_cast<int>(by_entries.counters().misses);
   EXPECT_EQ(by_entries.claim(request("e-1999")).status, ClaimStatus::done);
-  EXPECT_EQ(static_cast<int>(by_entries.cache_stats().misses), claims_before);
+  EXPECT_EQ(static_cast<int>(by_entries.counters().misses), claims_before);
 }
 
 TEST(CachedStoreBounds, ZeroBoundsAreAConfigError) {
   MemoryStore memory;
-  EXPECT_THROW(CachedStore(memory, CachedStoreOptions{.max_entries = 0}), idem::ConfigError);
-  EXPECT_THROW(CachedStore(memory, CachedStoreOptions{.max_ttl = 0ms}), idem::ConfigError);
+  EXPECT_THROW(CachedStore(memory, CachedOptions{.max_entries = 0}), idem::ConfigError);
+  EXPECT_THROW(CachedStore(memory, CachedOptions{.max_ttl = 0ms}), idem::ConfigError);
 }
 
 TEST(CachedStoreConsumer, DuplicatesReplayTheResponseFromTheCache) {
   MemoryStore memory;
   CountingStore counting(memory);
   CountingMetrics metrics;
-  CachedStore cached(counting, CachedStoreOptions{.metrics = &metrics});
+  CachedStore cached(counting, CachedOptions{.metrics = &metrics});
   int cards = 0;
   idem::IdempotentConsumer consumer(cached, [&](const idem::Message& m) {
     ++cards;
@@ -327,7 +327,7 @@ TEST(CachedStoreConsumer, DuplicatesReplayTheResponseFromTheCache) {
 
 TEST(CachedStoreConsumer, EightThreadsOnSharedKeysRunEachHandlerOnce) {
   MemoryStore memory;
-  CachedStore cached(memory, CachedStoreOptions{.max_entries = 500});
+  CachedStore cached(memory, CachedOptions{.max_entries = 500});
   constexpr int kKeys = 2000;
   std::vector<std::atomic<int>> runs(kKeys);
   idem::IdempotentConsumer consumer(

@@ -20,8 +20,7 @@
 #include <vector>
 
 #include "idem/idem.hpp"
-#include "open_store.hpp"
-#include "store_url.hpp"
+#include "idem/open_store.hpp"
 #ifdef IDEM_HAVE_SQLITE
 #include "idem/stores/sqlite_store.hpp"
 #endif
@@ -194,19 +193,26 @@ TEST(Idemctl, BadUrlsExitTwoAndSayWhy) {
     EXPECT_NE(run.err.find(c.says), std::string::npos) << run.err;
     EXPECT_NE(run.err.find("expected"), std::string::npos) << run.err;
     EXPECT_EQ(run.err.find("secret"), std::string::npos) << "password leaked: " << run.err;
+    // The message a service gets from idem::open_store for the same URL.
+    try {
+      (void)idem::parse_store_url(c.url);
+      ADD_FAILURE() << c.url << " parsed";
+    } catch (const idem::BadStoreUrl& e) {
+      EXPECT_EQ(run.err, "idemctl: " + std::string(e.what()) + "\n");
+    }
   }
 }
 
 TEST(StoreUrl, ParsesRedisForms) {
   auto redis = [](std::string_view url) {
-    return std::get<idemctl::RedisUrl>(idemctl::parse_store_url(url));
+    return std::get<idem::RedisUrl>(idem::parse_store_url(url));
   };
-  const idemctl::RedisUrl plain = redis("redis://cache.internal");
+  const idem::RedisUrl plain = redis("redis://cache.internal");
   EXPECT_EQ(plain.host, "cache.internal");
   EXPECT_EQ(plain.port, 6379);
   EXPECT_EQ(plain.db, 0);
   EXPECT_EQ(plain.prefix, "idem:");
-  const idemctl::RedisUrl full =
+  const idem::RedisUrl full =
       redis("redis://:p%40ss@10.0.0.5:7000/3?prefix=billing%3Aidem%3A&timeout_ms=250");
   EXPECT_EQ(full.host, "10.0.0.5");
   EXPECT_EQ(full.port, 7000);
@@ -215,40 +221,39 @@ TEST(StoreUrl, ParsesRedisForms) {
   EXPECT_EQ(full.password, "p@ss");
   EXPECT_EQ(full.prefix, "billing:idem:");
   EXPECT_EQ(full.timeout, 250ms);
-  const idemctl::RedisUrl acl = redis("redis://ops:pw@[::1]:6380?db=2");
+  const idem::RedisUrl acl = redis("redis://ops:pw@[::1]:6380?db=2");
   EXPECT_EQ(acl.user, "ops");
   EXPECT_EQ(acl.password, "pw");
   EXPECT_EQ(acl.host, "::1");
   EXPECT_EQ(acl.port, 6380);
   EXPECT_EQ(acl.db, 2);
-  EXPECT_EQ(idemctl::redacted("redis://ops:pw@host:1/0"), "redis://ops:***@host:1/0");
-  EXPECT_EQ(idemctl::redacted("redis://:pw@host"), "redis://:***@host");
-  EXPECT_EQ(idemctl::redacted("redis://host/0"), "redis://host/0");
+  EXPECT_EQ(idem::redact_store_url("redis://ops:pw@host:1/0"), "redis://ops:***@host:1/0");
+  EXPECT_EQ(idem::redact_store_url("redis://:pw@host"), "redis://:***@host");
+  EXPECT_EQ(idem::redact_store_url("redis://host/0"), "redis://host/0");
 
-  EXPECT_EQ(std::get<idemctl::SqliteUrl>(idemctl::parse_store_url("sqlite:///var/lib/d b.db")).path,
+  EXPECT_EQ(std::get<idem::SqliteUrl>(idem::parse_store_url("sqlite:///var/lib/d b.db")).path,
             "/var/lib/d b.db");
-  EXPECT_EQ(std::get<idemctl::SqliteUrl>(idemctl::parse_store_url("sqlite://rel/x.db")).path,
-            "rel/x.db");
-  EXPECT_THROW(idemctl::parse_store_url("redis://"), idemctl::BadUrl);
-  EXPECT_THROW(idemctl::parse_store_url("redis://h:"), idemctl::BadUrl);
-  EXPECT_THROW(idemctl::parse_store_url("redis://[::1"), idemctl::BadUrl);
-  EXPECT_THROW(idemctl::parse_store_url("redis://h?prefix=%zz"), idemctl::BadUrl);
+  EXPECT_EQ(std::get<idem::SqliteUrl>(idem::parse_store_url("sqlite://rel/x.db")).path, "rel/x.db");
+  EXPECT_THROW(idem::parse_store_url("redis://"), idem::BadStoreUrl);
+  EXPECT_THROW(idem::parse_store_url("redis://h:"), idem::BadStoreUrl);
+  EXPECT_THROW(idem::parse_store_url("redis://[::1"), idem::BadStoreUrl);
+  EXPECT_THROW(idem::parse_store_url("redis://h?prefix=%zz"), idem::BadStoreUrl);
 }
 
 TEST(StoreUrl, ParsesPostgresForms) {
-  auto url = std::get<idemctl::PostgresUrl>(
-      idemctl::parse_store_url("postgres://app:p%40ss@db.example:6432/orders"));
+  auto url = std::get<idem::PostgresUrl>(
+      idem::parse_store_url("postgres://app:p%40ss@db.example:6432/orders"));
   EXPECT_EQ(url.conninfo, "postgres://app:p%40ss@db.example:6432/orders");  // libpq decodes
   EXPECT_EQ(url.schema, "idem");
-  url = std::get<idemctl::PostgresUrl>(idemctl::parse_store_url(
+  url = std::get<idem::PostgresUrl>(idem::parse_store_url(
       "postgresql://app@host/orders?sslmode=disable&schema=dedup&connect_timeout=3"));
   EXPECT_EQ(url.conninfo, "postgresql://app@host/orders?sslmode=disable&connect_timeout=3");
   EXPECT_EQ(url.schema, "dedup");
-  EXPECT_THROW(idemctl::parse_store_url("postgres://"), idemctl::BadUrl);
-  EXPECT_THROW(idemctl::parse_store_url("postgres://host/db?schema="), idemctl::BadUrl);
-  EXPECT_THROW(idemctl::parse_store_url("postgres://host/db?sslmode"), idemctl::BadUrl);
-  EXPECT_EQ(idemctl::redacted("postgres://app:pw@host/db"), "postgres://app:***@host/db");
-  EXPECT_EQ(idemctl::redacted("postgresql://host/db?user=app&password=pw&sslmode=disable"),
+  EXPECT_THROW(idem::parse_store_url("postgres://"), idem::BadStoreUrl);
+  EXPECT_THROW(idem::parse_store_url("postgres://host/db?schema="), idem::BadStoreUrl);
+  EXPECT_THROW(idem::parse_store_url("postgres://host/db?sslmode"), idem::BadStoreUrl);
+  EXPECT_EQ(idem::redact_store_url("postgres://app:pw@host/db"), "postgres://app:***@host/db");
+  EXPECT_EQ(idem::redact_store_url("postgresql://host/db?user=app&password=pw&sslmode=disable"),
             "postgresql://host/db?user=app&password=***&sslmode=disable");
 }
 
@@ -362,8 +367,7 @@ TEST(Idemctl, SqliteRoundTrip) {
 }
 #endif
 
-#ifdef IDEM_HAVE_POSTGRES
-// A real PostgreSQL server; records written through PostgresStore in a schema of their own.
+#ifdef IDEM_HAVE_SQLITE
 // Opening an existing store takes no write lock, so operators' read commands go through
 // while a consumer is inside a write transaction (in WAL mode readers never wait for it).
 TEST(Idemctl, SqliteReadCommandsDoNotWaitForAConsumersTransaction) {
@@ -377,13 +381,22 @@ TEST(Idemctl, SqliteReadCommandsDoNotWaitForAConsumersTransaction) {
     Exited run = idemctl({"inspect", "sqlite://" + path, "pay-1"});
     EXPECT_EQ(run.code, 0) << run.err;
     EXPECT_NE(run.out.find("state:    done"), std::string::npos) << run.out;
-    run = idemctl({"stats", "sqlite://" + path});
+    run = idemctl({"stats", "--busy-timeout", "0", "sqlite://" + path});
     EXPECT_EQ(run.code, 0) << run.err;
+    EXPECT_NE(run.out.find("done:        1"), std::string::npos) << run.out;
+    // A write does need the lock: with --busy-timeout 0 it fails at once, saying why.
+    run = idemctl({"purge-expired", "--busy-timeout", "0", "sqlite://" + path});
+    EXPECT_EQ(run.code, 3) << run.out;
+    EXPECT_NE(run.err.find("SQLITE_BUSY"), std::string::npos) << run.err;
     // A second store (another consumer process) opens too.
     EXPECT_NO_THROW(idem::SqliteStore second(path, {.busy_timeout = 0ms}));
   });
 }
 
+#endif
+
+#ifdef IDEM_HAVE_POSTGRES
+// A real PostgreSQL server; records written through PostgresStore in a schema of their own.
 TEST(Idemctl, PostgresRoundTrip) {
   idem::test_support::PostgresServer server;
   const std::string url = "postgres://" + std::string(server.kUser) + ":" + server.kPassword +
@@ -506,6 +519,57 @@ TEST(Idemctl, RedisRoundTrip) {
   EXPECT_EQ(consumer.consume({.key = "pay-1"}).outcome, idem::Outcome::processed);
   EXPECT_EQ(consumer.consume({.key = "pay-2"}).outcome, idem::Outcome::duplicate);
   EXPECT_EQ(runs, 1);
+}
+
+// A key under the prefix that another program wrote is not a passing outage: inspect says what
+// it is without advising a retry, and stats counts it apart from the records.
+TEST(Idemctl, RedisKeyThatIsNotAnIdemRecord) {
+  idem::test_support::RedisServer server;
+  const std::string url = "redis://127.0.0.1:" + std::to_string(server.port()) + "?prefix=ops:";
+  server.cli("SET ops:k:stray hello");
+  Exited run = idemctl({"inspect", url, "stray"});
+  EXPECT_EQ(run.code, 4) << run.err;
+  EXPECT_NE(run.err.find("does not hold an idem record"), std::string::npos) << run.err;
+  EXPECT_EQ(run.err.find(": retry"), std::string::npos) << run.err;
+  EXPECT_NE(run.err.find("retrying will not help"), std::string::npos) << run.err;
+  run = idemctl({"stats", url});
+  ASSERT_EQ(run.code, 0) << run.err;
+  EXPECT_NE(run.out.find("records:     0"), std::string::npos) << run.out;
+  EXPECT_NE(run.out.find("foreign:     1"), std::string::npos) << run.out;
+}
+#endif
+
+TEST(Idemctl, FriendlyErrorsForBadArguments) {
+  // A negative count: one line saying what to give, not CLI11's range up to DBL_MAX.
+  Exited run = idemctl({"purge-expired", "sqlite:///tmp/x.db", "--max", "-5"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("\"-5\" is not a positive whole number"), std::string::npos) << run.err;
+  EXPECT_LT(run.err.size(), 200u) << run.err;
+  run = idemctl({"inspect", "--hex", "sqlite:///tmp/x.db", "zz"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("character 1 ('z') is not a hex digit"), std::string::npos) << run.err;
+  run = idemctl({"inspect", "--hex", "sqlite:///tmp/x.db", "abc"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("not a whole number of bytes"), std::string::npos) << run.err;
+  run = idemctl({"stats", "memory:"});
+  EXPECT_EQ(run.code, 2);
+  EXPECT_NE(run.err.find("inside one process"), std::string::npos) << run.err;
+  run = idemctl({"stats", "sqlite", "--busy-timeout", "-1"});
+  EXPECT_EQ(run.code, 2);
+}
+
+#ifdef IDEM_HAVE_SQLITE
+// sqlite:/path (one slash) is the same store as sqlite:///path, not "no scheme".
+TEST(Idemctl, SqliteUrlWithOneSlashNamesTheFile) {
+  TempDir dir;
+  const std::string path = (dir.path / "one-slash.db").string();
+  Exited run = idemctl({"stats", "sqlite:" + path});
+  EXPECT_EQ(run.code, 3);
+  EXPECT_NE(run.err.find("no SQLite database at \"" + path + "\""), std::string::npos) << run.err;
+  { idem::SqliteStore create(path); }
+  run = idemctl({"stats", "sqlite:" + path});
+  EXPECT_EQ(run.code, 0) << run.err;
+  EXPECT_NE(run.out.find("store:       sqlite"), std::string::npos) << run.out;
 }
 #endif
 

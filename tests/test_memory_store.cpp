@@ -10,13 +10,13 @@ namespace {
 using namespace std::chrono_literals;
 using idem::ClaimRequest;
 using idem::ClaimStatus;
+using idem::MemoryOptions;
 using idem::MemoryStore;
-using idem::MemoryStoreOptions;
 
 struct MemoryStoreFactory {
   idem::ManualClock clock;
   std::unique_ptr<idem::DedupStore> make() {
-    return std::make_unique<MemoryStore>(MemoryStoreOptions{.clock = &clock});
+    return std::make_unique<MemoryStore>(MemoryOptions{.clock = &clock});
   }
   void advance(std::chrono::milliseconds ms) { clock.advance(ms.count()); }
 };
@@ -43,7 +43,7 @@ TEST(MemoryStore, EvictsTheOldestDoneRecordsPastMaxKeysAndCountsThem) {
   idem::ManualClock clock;
   MemoryStore store({.max_keys = 100, .shards = 1, .clock = &clock});
   for (int i = 0; i < 1000; ++i) claim_and_complete(store, "k" + std::to_string(i));
-  idem::MemoryStoreStats stats = store.stats();
+  idem::MemoryStoreStats stats = store.counters();
   EXPECT_LE(stats.keys, 100u);
   EXPECT_EQ(stats.evictions, 1000u - stats.keys);
   // The newest are kept, the oldest are gone (and would be processed again: documented).
@@ -66,7 +66,7 @@ TEST(MemoryStore, RespectsMaxBytes) {
   idem::ManualClock clock;
   MemoryStore store({.max_bytes = 64 * 1024, .shards = 1, .clock = &clock});
   for (int i = 0; i < 10'000; ++i) claim_and_complete(store, "key-" + std::to_string(i));
-  idem::MemoryStoreStats stats = store.stats();
+  idem::MemoryStoreStats stats = store.counters();
   EXPECT_LE(stats.bytes, 64u * 1024u);
   EXPECT_GT(stats.evictions, 0u);
 }
@@ -78,12 +78,12 @@ TEST(MemoryStore, ExpiredRecordsArePurgedIncrementallyAndOnRequest) {
   clock.advance(20'000);
   // Each insert drops a couple of expired records from the front.
   for (int i = 0; i < 10; ++i) claim_and_complete(store, "new" + std::to_string(i));
-  idem::MemoryStoreStats stats = store.stats();
+  idem::MemoryStoreStats stats = store.counters();
   EXPECT_GE(stats.expired, 10u);
   EXPECT_LT(stats.keys, 110u);
   std::size_t purged = store.purge_expired();
   EXPECT_EQ(stats.expired + purged, 100u);
-  EXPECT_EQ(store.stats().keys, 10u);
+  EXPECT_EQ(store.counters().keys, 10u);
 }
 
 TEST(MemoryStore, CountsLeaseTakeovers) {
@@ -94,18 +94,18 @@ TEST(MemoryStore, CountsLeaseTakeovers) {
   idem::Claim c = store.claim(request("k"));
   EXPECT_EQ(c.status, ClaimStatus::acquired);
   EXPECT_TRUE(c.took_over);
-  EXPECT_EQ(store.stats().takeovers, 1u);
+  EXPECT_EQ(store.counters().takeovers, 1u);
 }
 
 TEST(MemoryStore, StoredResponsesCountAgainstBytesAndAreFreed) {
   idem::ManualClock clock;
   MemoryStore store({.shards = 1, .clock = &clock});
   idem::Claim c = store.claim(request("k"));
-  std::size_t before = store.stats().bytes;
+  std::size_t before = store.counters().bytes;
   ASSERT_TRUE(store.complete({.key = "k", .token = c.token, .response = std::string(1000, 'r')}));
-  EXPECT_EQ(store.stats().bytes, before + 1000);
+  EXPECT_EQ(store.counters().bytes, before + 1000);
   EXPECT_TRUE(store.forget("k"));
-  EXPECT_EQ(store.stats().bytes, before);
+  EXPECT_EQ(store.counters().bytes, before);
 }
 
 }  // namespace
@@ -127,12 +127,12 @@ TEST(MemoryStore, InspectAndStatsSummaryForOperators) {
   EXPECT_EQ(done->response, "r");
   EXPECT_FALSE(store.inspect("absent"));
   store.claim(request("other"));
-  idem::StoreStats summary = store.stats_summary();
+  idem::StoreStats summary = store.stats();
   EXPECT_EQ(summary.records, 2u);
   EXPECT_EQ(summary.done, 1u);
   EXPECT_EQ(summary.in_progress, 1u);
   clock.advance(10'000);
-  EXPECT_EQ(store.purge_expired_records(100), 2u);
+  EXPECT_EQ(store.purge_expired(100), 2u);
 }
 
 }  // namespace
@@ -182,7 +182,7 @@ TEST(MemoryStore, ReleasedRecordsAtTheFrontArePurgedPromptly) {
     idem::Claim c = store.claim(request(key));
     ASSERT_TRUE(store.release(key, c.token));
   }
-  EXPECT_GT(store.stats().expired, 900u);
+  EXPECT_GT(store.counters().expired, 900u);
 }
 
 TEST(MemoryStore, RejectsNonPositiveOrHugeDurations) {

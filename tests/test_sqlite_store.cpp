@@ -1,9 +1,6 @@
-// Tests of idem::SqliteStore: the shared store conformance suite, then what only SQLite has:
-// the transactional inbox, batches with savepoints, offsets, purging, bad files, and real
-// processes (SIGKILLed consumers, two processes racing on one file).
-//
-// Child processes are this test binary re-executed with IDEM_SQLITE_CHILD set: the static
-// initializer below runs the child's work and _exits before GoogleTest starts.
+// Tests of idem::SqliteStore: the shared store and inbox conformance suites, purging, late
+// completions, deadlines, and bad input (options, files, locks). The transactional inbox is in
+// test_sqlite_inbox.cpp, real processes in test_sqlite_processes.cpp.
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -20,6 +17,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -31,7 +29,9 @@
 #include "idem/sqlite.hpp"
 #include "idem/testing/inbox_conformance.hpp"
 #include "idem/testing/store_conformance.hpp"
+#include "support/child_process.hpp"
 #include "support/sanitized.hpp"
+#include "support/sqlite_raw_db.hpp"
 #include "support/temp_dir.hpp"
 
 namespace {
@@ -44,220 +44,14 @@ using idem::Message;
 using idem::Outcome;
 using idem::Result;
 using idem::SqliteBlob;
+using idem::SqliteOptions;
 using idem::SqliteStore;
-using idem::SqliteStoreOptions;
 using idem::SqliteTx;
+using idem::test_support::wait_exit_code;
 
+using idem::test_support::sqlite::RawDb;
+using idem::test_support::sqlite::TempDir;
 using idem::testing::kSanitized;
-
-// A fresh directory under $TMPDIR (or /tmp), removed with everything in it.
-// The SQLite tests' own directory.
-struct TempDir : idem::testing::TempDir {
-  TempDir() : idem::testing::TempDir("sqlite") {}
-};
-
-// A plain sqlite3 connection of the test's own, to look at what the store wrote.
-class RawDb {
- public:
-  explicit RawDb(const std::string& path) {
-    if (sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE, nullptr) != SQLITE_OK) {
-      throw std::runtime_error("cannot open " + path);
-    }
-    sqlite3_busy_timeout(db_, 10'000);
-  }
-  RawDb(const RawDb&) = delete;
-  RawDb& operator=(const RawDb&) = delete;
-  ~RawDb() { sqlite3_close_v2(db_); }
-
-  void exec(const char* sql) {
-    char* error = nullptr;
-    if (sqlite3_exec(db_, sql, nullptr, nullptr, &error) != SQLITE_OK) {
-      std::string message = error ? error : "?";
-      sqlite3_free(error);
-      throw std::runtime_error(std::string(sql) + ": " + message);
-    }
-  }
-  std::string text(const char* sql) {
-    sqlite3_stmt* stmt = nullptr;
-    if (sqlite3_prepare_v2(db_, sql, -1, &stmt, nullptr) != SQLITE_OK) {
-      throw std::runtime_error(std::string(sql) + ": " + sqlite3_errmsg(db_));
-    }
-    std::string value;
-    if (sqlite3_step(stmt) == SQLITE_ROW && sqlite3_column_text(stmt, 0) != nullptr) {
-      value = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
-    }
-    sqlite3_finalize(stmt);
-    return value;
-  }
-  std::int64_t scalar(const char* sql) {
-    const std::string value = text(sql);
-    return value.empty() ? 0 : std::stoll(value);
-  }
-  sqlite3* handle() const { return db_; }
-
- private:
-  sqlite3* db_ = nullptr;
-};
-
-std::int64_t index_of(std::string_view key) {
-  return std::stoll(std::string(key.substr(key.find('-') + 1)));
-}
-
-// --- Child processes -------------------------------------------------------------------------
-
-std::string env_or(const char* name, const char* fallback) {
-  const char* value = std::getenv(name);
-  return value ? value : fallback;
-}
-
-void signal_fd(int fd) {
-  if (fd >= 0) {
-    const char byte = 'r';
-    (void)!::write(fd, &byte, 1);
-    ::close(fd);
-  }
-}
-
-// Consumes msg-0 .. msg-(n-1) through the transactional inbox, one business row each, resuming
-// a little before the committed offset (a broker redelivers its uncommitted tail). With
-// IDEM_QUOTA set it stops after that many deliveries and waits to be killed, so a kill round
-// cannot finish the input early.
-int crash_child() {
-  const std::string path = env_or("IDEM_DB", "");
-  const std::int64_t n = std::stoll(env_or("IDEM_N", "0"));
-  const bool batched = env_or("IDEM_BATCHED", "0") == "1";
-  const std::size_t quota = std::stoul(env_or("IDEM_QUOTA", "0"));
-  SqliteStore store(path, {.synchronous = idem::SqliteSync::normal});
-  IdempotentConsumer consumer(store, [&](const Message& m, SqliteTx& tx) {
-    const std::int64_t i = index_of(m.key);
-    tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", i, SqliteBlob{m.key});
-    if (!batched) tx.save_offset("crash", 0, i + 1);
-  });
-  const std::int64_t committed = store.committed_offset("crash", 0).value_or(0);
-  const std::int64_t start = std::max<std::int64_t>(0, committed - 25);
-  signal_fd(std::stoi(env_or("IDEM_READY_FD", "-1")));
-
-  std::vector<std::string> keys;
-  for (std::int64_t i = start; i < n; ++i) keys.push_back("msg-" + std::to_string(i));
-  std::mt19937 rng(static_cast<unsigned>(::getpid()));
-  if (quota > 0 && keys.size() > quota) keys.resize(quota);
-  std::size_t next = 0;
-  while (next < keys.size()) {
-    if (!batched) {
-      if (!consumer.consume({.key = keys[next], .payload = "p"}).should_ack()) return 3;
-      ++next;
-      continue;
-    }
-    const std::size_t size = std::min<std::size_t>(keys.size() - next, 1 + rng() % 64);
-    std::vector<Message> batch;
-    for (std::size_t k = next; k < next + size; ++k)
-      batch.push_back({.key = keys[k], .payload = "p"});
-    const std::vector<idem::PartitionOffset> offsets{
-        {.topic = "crash", .partition = 0, .next_offset = start + std::int64_t(next + size)}};
-    for (const Result& r : idem::consume_batch_with_offsets(consumer, batch, offsets)) {
-      if (!r.should_ack()) return 4;
-    }
-    next += size;
-  }
-  if (quota > 0) {
-    for (;;) ::pause();  // until the parent's SIGKILL
-  }
-  return 0;
-}
-
-// Two stores (connections) of one file, four threads, racing on the same keys through the
-// transactional inbox and through claim/complete. Writes the claim path's runs to IDEM_OUT.
-int race_child() {
-  const std::string path = env_or("IDEM_DB", "");
-  const std::size_t keys = std::stoul(env_or("IDEM_N", "0"));
-  const SqliteStoreOptions options{.busy_timeout = 60s, .synchronous = idem::SqliteSync::normal};
-  SqliteStore a(path, options), b(path, options);
-  std::mutex mutex;
-  std::vector<std::int64_t> claimed_runs;
-  auto tx_handler = [](const Message& m, SqliteTx& tx) {
-    tx.exec("INSERT INTO runs(msg, pid) VALUES(?1, ?2)", index_of(m.key), ::getpid());
-  };
-  auto claim_handler = [&](const Message& m) {
-    std::lock_guard lock(mutex);
-    claimed_runs.push_back(index_of(m.key));
-  };
-  const idem::Options claim_options{.lease = 60s};
-  IdempotentConsumer tx_a(a, tx_handler), tx_b(b, tx_handler);
-  IdempotentConsumer claim_a(a, claim_handler, claim_options),
-      claim_b(b, claim_handler, claim_options);
-
-  signal_fd(std::stoi(env_or("IDEM_READY_FD", "-1")));
-  char go = 0;
-  if (::read(std::stoi(env_or("IDEM_GO_FD", "-1")), &go, 1) != 1) return 5;
-
-  std::atomic<int> errors{0};
-  std::vector<std::thread> threads;
-  for (std::size_t t = 0; t < 4; ++t) {
-    threads.emplace_back([&, t] {
-      auto& tx_consumer = t < 2 ? tx_a : tx_b;
-      auto& claim_consumer = t < 2 ? claim_a : claim_b;
-      for (std::size_t n = 0; n < keys; ++n) {
-        const std::size_t i = (n + t * keys / 4) % keys;
-        const std::string tx_key = "tx-" + std::to_string(i);
-        const std::string claim_key = "cl-" + std::to_string(i);
-        if (!tx_consumer.consume({.key = tx_key, .payload = "p"}).should_ack()) ++errors;
-        for (;;) {
-          const Outcome outcome =
-              claim_consumer.consume({.key = claim_key, .payload = "p"}).outcome;
-          if (idem::should_ack(outcome)) break;
-          if (outcome != Outcome::in_progress) {
-            ++errors;
-            break;
-          }
-          std::this_thread::sleep_for(100us);  // another process holds it: redeliver later
-        }
-      }
-    });
-  }
-  for (std::thread& thread : threads) thread.join();
-  std::ofstream out(env_or("IDEM_OUT", "/dev/null"));
-  for (std::int64_t i : claimed_runs) out << i << '\n';
-  return errors == 0 && out ? 0 : 6;
-}
-
-const bool kIsChild = [] {
-  const char* mode = std::getenv("IDEM_SQLITE_CHILD");
-  if (mode == nullptr) return false;
-  int code = 1;
-  try {
-    code = std::string(mode) == "crash" ? crash_child() : race_child();
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "child %s: %s\n", mode, e.what());
-    code = 2;
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
-}();
-
-// Re-executes this binary as a child with the given environment. The environment is built
-// before fork(): only async-signal-safe calls happen in the child before exec.
-pid_t spawn_child(const std::map<std::string, std::string>& env) {
-  std::vector<std::string> entries;
-  for (char** e = environ; *e != nullptr; ++e) entries.emplace_back(*e);
-  for (const auto& [name, value] : env) entries.push_back(name + "=" + value);
-  std::vector<char*> envp;
-  for (std::string& entry : entries) envp.push_back(entry.data());
-  envp.push_back(nullptr);
-  char exe[] = "/proc/self/exe";
-  char* argv[] = {exe, nullptr};
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::execve(exe, argv, envp.data());
-    ::_exit(127);
-  }
-  return pid;
-}
-
-int wait_exit_code(pid_t pid) {
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
 
 // --- Conformance -----------------------------------------------------------------------------
 
@@ -267,7 +61,7 @@ struct SqliteStoreFactory {
   std::unique_ptr<idem::DedupStore> make() {
     return std::make_unique<SqliteStore>(
         dir.file("conformance.db"),
-        SqliteStoreOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
+        SqliteOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
   }
   void advance(std::chrono::milliseconds ms) { clock.advance(ms.count()); }
   // Every consume is one or two commits: fewer keys than the in-memory stores race on.
@@ -281,7 +75,7 @@ struct SqliteInboxFactory {
   std::unique_ptr<Store> make() {
     auto store = std::make_unique<SqliteStore>(
         dir.file("inbox-conformance.db"),
-        SqliteStoreOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
+        SqliteOptions{.synchronous = idem::SqliteSync::normal, .clock = &clock});
     store->transaction([](SqliteTx& tx) { tx.exec("CREATE TABLE effects(key BLOB NOT NULL)"); });
     return store;
   }
@@ -307,304 +101,7 @@ INSTANTIATE_TYPED_TEST_SUITE_P(Sqlite, InboxConformance, SqliteInboxFactory);
 
 namespace {
 
-// --- Transactional inbox ---------------------------------------------------------------------
-
-class SqliteInbox : public ::testing::Test {
- protected:
-  SqliteInbox() : store_(dir_.file("inbox.db"), options()) {
-    store_.transaction(
-        [](SqliteTx& tx) { tx.exec("CREATE TABLE cards(msg TEXT NOT NULL, key BLOB NOT NULL)"); });
-  }
-  SqliteStoreOptions options() {
-    return {.synchronous = idem::SqliteSync::normal, .clock = &clock_};
-  }
-  std::int64_t cards() { return RawDb(dir_.file("inbox.db")).scalar("SELECT count(*) FROM cards"); }
-  std::int64_t records() {
-    return RawDb(dir_.file("inbox.db")).scalar("SELECT count(*) FROM idem_keys");
-  }
-
-  TempDir dir_;
-  idem::ManualClock clock_;
-  SqliteStore store_;
-};
-
-auto card_writer(int& runs) {
-  return [&runs](const Message& m, SqliteTx& tx) {
-    ++runs;
-    tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-  };
-}
-
-TEST_F(SqliteInbox, HandlerWritesAndTheRecordCommitTogether) {
-  int runs = 0;
-  IdempotentConsumer consumer(store_, card_writer(runs));
-  EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "card"}).outcome, Outcome::processed);
-  EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "card"}).outcome, Outcome::duplicate);
-  EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "other"}).outcome, Outcome::conflict);
-  EXPECT_EQ(runs, 1);
-  EXPECT_EQ(cards(), 1);
-}
-
-TEST_F(SqliteInbox, HandlerThrowingAfterItsInsertLeavesNoTrace) {
-  int attempts = 0;
-  IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
-    tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-    if (++attempts == 1) throw std::runtime_error("card printer jammed");
-  });
-  Result failed = consumer.consume({.key = "pay-2", .payload = "card"});
-  EXPECT_EQ(failed.outcome, Outcome::failed);
-  ASSERT_TRUE(failed.error);
-  EXPECT_THROW(std::rethrow_exception(failed.error), std::runtime_error);
-  EXPECT_EQ(cards(), 0);    // the business row was rolled back
-  EXPECT_EQ(records(), 0);  // and so was the dedup record
-  Result retried = consumer.consume({.key = "pay-2", .payload = "card"});
-  EXPECT_EQ(retried.outcome, Outcome::processed);
-  EXPECT_GT(retried.fencing_token, failed.fencing_token);  // tokens rise across attempts
-  EXPECT_EQ(cards(), 1);
-  EXPECT_EQ(attempts, 2);
-}
-
-TEST_F(SqliteInbox, RethrowOptionLetsTheHandlerErrorOutWithNothingRecorded) {
-  IdempotentConsumer consumer(
-      store_,
-      [](const Message& m, SqliteTx& tx) {
-        tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-        throw std::logic_error("bug");
-      },
-      idem::Options{.rethrow_handler_errors = true});
-  EXPECT_THROW(consumer.consume({.key = "k", .payload = "p"}), std::logic_error);
-  EXPECT_EQ(cards(), 0);
-  EXPECT_EQ(records(), 0);
-}
-
-TEST_F(SqliteInbox, ResponseIsReplayedToDuplicates) {
-  IdempotentConsumer consumer(store_, [](const Message& m, SqliteTx&) {
-    return std::string("card-for-") + std::string(m.key);
-  });
-  EXPECT_EQ(consumer.consume({.key = "k", .payload = "p"}).response, "card-for-k");
-  Result again = consumer.consume({.key = "k", .payload = "p"});
-  EXPECT_EQ(again.outcome, Outcome::duplicate);
-  EXPECT_EQ(again.response, "card-for-k");
-}
-
-TEST_F(SqliteInbox, BinaryKeysWithNulAreDistinct) {
-  int runs = 0;
-  IdempotentConsumer consumer(store_, card_writer(runs));
-  const std::string keys[] = {std::string("a\0b", 3), std::string("a\0c", 3), std::string("a"),
-                              std::string("\0", 1), std::string("\xff\x00\xfe", 3)};
-  for (const std::string& key : keys) {
-    EXPECT_EQ(consumer.consume({.key = key, .payload = "p"}).outcome, Outcome::processed);
-  }
-  for (const std::string& key : keys) {
-    EXPECT_EQ(consumer.consume({.key = key, .payload = "p"}).outcome, Outcome::duplicate);
-  }
-  EXPECT_EQ(runs, 5);
-  RawDb raw(dir_.file("inbox.db"));
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM idem_keys WHERE length(key) = 3"), 3);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM idem_keys WHERE typeof(key) = 'blob'"), 5);
-}
-
-TEST_F(SqliteInbox, BeforeProcessingKeepsTheRecordButNotTheFailedWrites) {
-  IdempotentConsumer consumer(
-      store_,
-      [](const Message& m, SqliteTx& tx) {
-        tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-        if (m.key == "crashy") throw std::runtime_error("crash mid-handler");
-      },
-      idem::Options{.mark = idem::Mark::before_processing});
-  EXPECT_EQ(consumer.consume({.key = "crashy", .payload = "p"}).outcome, Outcome::failed);
-  EXPECT_EQ(consumer.consume({.key = "crashy", .payload = "p"}).outcome, Outcome::duplicate);
-  EXPECT_EQ(consumer.consume({.key = "fine", .payload = "p"}).outcome, Outcome::processed);
-  EXPECT_EQ(cards(), 1);
-  EXPECT_EQ(records(), 2);
-}
-
-TEST_F(SqliteInbox, BatchRollsBackOnlyTheFailingMessage) {
-  std::map<std::string, int> runs;
-  IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
-    ++runs[std::string(m.key)];
-    tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-    if (m.key == "bad") throw std::runtime_error("boom");
-    return "r-" + std::string(m.key);
-  });
-  std::vector<Message> batch{{.key = "a", .payload = "1"},
-                             {.key = "bad", .payload = "2"},
-                             {.key = "c", .payload = "3"},
-                             {.key = "a", .payload = "1"},
-                             {.key = "c", .payload = "changed"}};
-  std::vector<Result> results = consumer.consume_batch(batch);
-  ASSERT_EQ(results.size(), 5u);
-  EXPECT_EQ(results[0].outcome, Outcome::processed);
-  EXPECT_EQ(results[1].outcome, Outcome::failed);
-  EXPECT_TRUE(results[1].error);
-  EXPECT_EQ(results[2].outcome, Outcome::processed);
-  EXPECT_EQ(results[3].outcome, Outcome::duplicate);
-  EXPECT_EQ(results[3].response, "r-a");
-  EXPECT_EQ(results[4].outcome, Outcome::conflict);
-  EXPECT_EQ(runs["a"], 1);
-  RawDb raw(dir_.file("inbox.db"));
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards"), 2);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE key = x'626164'"), 0);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM idem_keys WHERE key = x'626164'"), 0);
-  // The failed one is redelivered and processed.
-  runs.clear();
-  std::vector<Message> retry{{.key = "bad", .payload = "2"}};
-  EXPECT_EQ(consumer.consume_batch(retry)[0].outcome, Outcome::failed);
-  EXPECT_EQ(runs["bad"], 1);
-}
-
-// The message savepoint opens on the handler's first statement. Every way a handler can write
-// must still be covered: exec/prepare, a statement stepped through its native handle, the
-// connection's native handle, and a sqlite3* kept from an earlier message's handler.
-TEST_F(SqliteInbox, EveryWayAHandlerWritesIsRolledBackWhenItFails) {
-  sqlite3* kept = nullptr;
-  IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
-    const std::string key(m.key);
-    if (key == "quiet") return;  // writes nothing: no savepoint is opened
-    if (key == "quiet-fails") throw std::runtime_error("fails before writing");
-    if (key.starts_with("stmt")) {
-      idem::SqliteStatement insert = tx.prepare("INSERT INTO cards(msg, key) VALUES('stmt', ?1)");
-      insert.bind_blob(1, m.key);
-      ASSERT_EQ(sqlite3_step(insert.native_handle()), SQLITE_DONE);
-    } else if (key.starts_with("raw")) {
-      kept = tx.native_handle();
-      ASSERT_EQ(sqlite3_exec(kept, "INSERT INTO cards(msg, key) VALUES('raw', x'00')", nullptr,
-                             nullptr, nullptr),
-                SQLITE_OK);
-    } else if (key.starts_with("kept")) {
-      // No call on tx at all: the handle of an earlier message's handler.
-      ASSERT_EQ(sqlite3_exec(kept, "INSERT INTO cards(msg, key) VALUES('kept', x'01')", nullptr,
-                             nullptr, nullptr),
-                SQLITE_OK);
-    } else {
-      tx.exec("INSERT INTO cards(msg, key) VALUES('exec', ?1)", SqliteBlob{m.key});
-    }
-    if (key.ends_with("-fails")) throw std::runtime_error("fails after writing");
-  });
-  std::vector<Message> batch{
-      {.key = "quiet", .payload = "p"},     {.key = "quiet-fails", .payload = "p"},
-      {.key = "exec", .payload = "p"},      {.key = "exec-fails", .payload = "p"},
-      {.key = "stmt", .payload = "p"},      {.key = "stmt-fails", .payload = "p"},
-      {.key = "raw", .payload = "p"},       {.key = "raw-fails", .payload = "p"},
-      {.key = "kept-fails", .payload = "p"}};
-  std::vector<Result> results = consumer.consume_batch(batch);
-  ASSERT_EQ(results.size(), batch.size());
-  for (std::size_t i = 0; i < batch.size(); ++i) {
-    const bool fails = std::string_view(batch[i].key).ends_with("-fails");
-    EXPECT_EQ(results[i].outcome, fails ? Outcome::failed : Outcome::processed) << batch[i].key;
-  }
-  RawDb raw(dir_.file("inbox.db"));
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'exec'"), 1);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'stmt'"), 1);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'raw'"), 1);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards WHERE msg = 'kept'"), 0);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards"), 3);
-  EXPECT_EQ(records(), 4);  // quiet, exec, stmt, raw; the failed ones left nothing behind
-  // A handler that writes nothing still commits its record.
-  EXPECT_EQ(consumer.consume({.key = "quiet", .payload = "p"}).outcome, Outcome::duplicate);
-}
-
-TEST_F(SqliteInbox, OffsetsCommitWithTheBatchAndReadBack) {
-  int runs = 0;
-  IdempotentConsumer consumer(store_, card_writer(runs));
-  EXPECT_FALSE(store_.committed_offset("orders", 0).has_value());
-  std::vector<Message> batch{{.key = "o-152", .payload = "x"}, {.key = "o-153", .payload = "y"}};
-  const std::vector<idem::PartitionOffset> offsets{
-      {.topic = "orders", .partition = 1, .next_offset = 154},
-      {.topic = "orders", .partition = 0, .next_offset = 7}};
-  for (const Result& r : idem::consume_batch_with_offsets(consumer, batch, offsets)) {
-    EXPECT_EQ(r.outcome, Outcome::processed);
-  }
-  EXPECT_EQ(store_.committed_offset("orders", 1), 154);
-  EXPECT_EQ(store_.committed_offset("orders", 0), 7);
-  EXPECT_FALSE(store_.committed_offset("orders", 2).has_value());
-  store_.save_offsets(
-      std::vector<idem::PartitionOffset>{{.topic = "audit", .partition = 3, .next_offset = 1}});
-  {
-    SqliteStore reopened(dir_.file("inbox.db"), options());
-    std::vector<idem::PartitionOffset> all = reopened.committed_offsets();
-    ASSERT_EQ(all.size(), 3u);
-    EXPECT_EQ(all[0].topic, "audit");
-    EXPECT_EQ(all[1].topic, "orders");
-    EXPECT_EQ(all[1].partition, 0);
-    EXPECT_EQ(all[2].partition, 1);
-    EXPECT_EQ(all[2].next_offset, 154);
-    reopened.transaction([](SqliteTx& tx) {
-      EXPECT_EQ(tx.committed_offset("orders", 1), 154);
-      tx.save_offset("orders", 1, 160);
-    });
-  }
-  EXPECT_EQ(store_.committed_offset("orders", 1), 160);
-  EXPECT_EQ(runs, 2);
-}
-
-TEST_F(SqliteInbox, ConfigErrorWhenTheHandlerReentersTheStoreOrEndsTheTransaction) {
-  // Misuse is not a handler failure: the ConfigError escapes and nothing commits.
-  IdempotentConsumer reenter(store_,
-                             [&](const Message& m, SqliteTx&) { store_.claim({.key = m.key}); });
-  EXPECT_THROW(reenter.consume({.key = "k1", .payload = "p"}), idem::ConfigError);
-  EXPECT_FALSE(store_.inspect("k1").has_value());
-
-  IdempotentConsumer commits(store_, [](const Message&, SqliteTx& tx) {
-    sqlite3_exec(tx.native_handle(), "COMMIT", nullptr, nullptr, nullptr);
-  });
-  EXPECT_THROW(commits.consume({.key = "k2", .payload = "p"}), idem::ConfigError);
-  EXPECT_FALSE(store_.inspect("k2").has_value());
-
-  // Through the helper, every spelling of ending the transaction is refused before it runs.
-  for (const char* sql : {"COMMIT", "ROLLBACK", "END", "BEGIN", "commit transaction",
-                          "RELEASE idem_message", "ROLLBACK TO idem_message"}) {
-    IdempotentConsumer helper(store_, [&](const Message&, SqliteTx& tx) {
-      tx.exec("INSERT INTO cards(msg, key) VALUES('x', ?1)", SqliteBlob{"k3"});
-      tx.exec(sql);
-    });
-    EXPECT_THROW(helper.consume({.key = "k3", .payload = "p"}), idem::ConfigError) << sql;
-    EXPECT_FALSE(store_.inspect("k3").has_value()) << sql;
-  }
-  store_.transaction([](SqliteTx& tx) {
-    EXPECT_EQ(tx.query_int64("SELECT count(*) FROM cards WHERE msg = 'x'"), 0);
-    EXPECT_THROW(tx.exec("COMMIT"), idem::ConfigError);
-  });
-  // A savepoint of the handler's own is fine.
-  IdempotentConsumer own(store_, [&](const Message&, SqliteTx& tx) {
-    tx.exec("SAVEPOINT mine");
-    tx.exec("INSERT INTO cards(msg, key) VALUES('y', ?1)", SqliteBlob{"k4"});
-    tx.exec("ROLLBACK TO mine");
-    tx.exec("RELEASE mine");
-  });
-  EXPECT_EQ(own.consume({.key = "k4", .payload = "p"}).outcome, Outcome::processed);
-}
-
-TEST_F(SqliteInbox, StatementHelpersReportBadSqlClearly) {
-  store_.transaction([](SqliteTx& tx) {
-    EXPECT_EQ(tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", "m", SqliteBlob{"k"}), 1);
-    EXPECT_EQ(tx.query_int64("SELECT count(*) FROM cards WHERE msg = ?1", std::string("m")), 1);
-    EXPECT_EQ(tx.query_int64("SELECT NULL"), std::nullopt);
-    idem::SqliteStatement s = tx.prepare("SELECT msg, key FROM cards");
-    ASSERT_TRUE(s.step());
-    EXPECT_EQ(s.column_text(0), "m");
-    EXPECT_EQ(s.column_blob(1), "k");
-    EXPECT_FALSE(s.step());
-    try {
-      tx.exec("INSERT INTO no_such_table VALUES(1)");
-      FAIL() << "bad SQL accepted";
-    } catch (const idem::SqliteError& e) {
-      EXPECT_NE(std::string(e.what()).find("no such table"), std::string::npos) << e.what();
-      EXPECT_EQ(e.code(), SQLITE_ERROR);
-    }
-    EXPECT_THROW(tx.exec("SELECT 1; SELECT 2"), idem::SqliteError);
-    // The same SQL twice at once: the second is a private (finalized) copy; moves are fine.
-    idem::SqliteStatement first = tx.prepare("SELECT ?1");
-    idem::SqliteStatement second = tx.prepare("SELECT ?1");
-    first.bind_all(1);
-    second.bind_all(2);
-    idem::SqliteStatement moved = std::move(second);
-    ASSERT_TRUE(first.step());
-    ASSERT_TRUE(moved.step());
-    EXPECT_EQ(first.column_int64(0), 1);
-    EXPECT_EQ(moved.column_int64(0), 2);
-  });
-}
+// --- Purging -----------------------------------------------------------------------------------
 
 TEST(SqlitePurge, ExpiredRecordsArePurgedInBoundedStepsAndTokensKeepRising) {
   TempDir dir;
@@ -650,147 +147,7 @@ TEST(SqlitePurge, ExpiredRecordsArePurgedInBoundedStepsAndTokensKeepRising) {
   EXPECT_LE(records(), 4 * 50 * 2);
 }
 
-TEST_F(SqliteInbox, OperatorHooksInspectCountAndPurge) {
-  idem::Claim held = store_.claim({.key = "held", .lease = 10s});
-  ASSERT_EQ(held.status, ClaimStatus::acquired);
-  idem::Claim done = store_.claim({.key = "done"});
-  ASSERT_TRUE(
-      store_.complete({.key = "done", .token = done.token, .response = "r", .retention = 60s}));
-  std::optional<idem::RecordInfo> info = store_.inspect("done");
-  ASSERT_TRUE(info.has_value());
-  EXPECT_EQ(info->state, idem::RecordInfo::State::done);
-  EXPECT_EQ(info->token, done.token);
-  EXPECT_EQ(info->expires_in_ms, 60'000);
-  EXPECT_EQ(info->response, "r");
-  EXPECT_EQ(store_.inspect("held")->state, idem::RecordInfo::State::in_progress);
-  EXPECT_FALSE(store_.inspect("absent").has_value());
-  idem::StoreStats stats = store_.stats_summary();
-  EXPECT_EQ(stats.records, 2u);
-  EXPECT_EQ(stats.in_progress, 1u);
-  EXPECT_EQ(stats.done, 1u);
-  EXPECT_GT(stats.bytes, 0u);
-  clock_.advance(20'000);  // the lease has ended
-  EXPECT_EQ(store_.stats_summary().in_progress, 0u);
-  EXPECT_EQ(store_.purge_expired_records(100), 1u);
-  EXPECT_EQ(store_.stats_summary().records, 1u);
-}
-
-TEST_F(SqliteInbox, DoneRecordsSurviveReopening) {
-  int runs = 0;
-  {
-    IdempotentConsumer consumer(store_, card_writer(runs));
-    consumer.consume({.key = "persist", .payload = "p"});
-  }
-  SqliteStore reopened(dir_.file("inbox.db"), options());
-  IdempotentConsumer consumer(reopened, card_writer(runs));
-  EXPECT_EQ(consumer.consume({.key = "persist", .payload = "p"}).outcome, Outcome::duplicate);
-  EXPECT_EQ(runs, 1);
-}
-
-// --- Review fixes: offsets of partly failed batches, lost transactions, late completions,
-// --- saturating deadlines ---------------------------------------------------------------------
-
-TEST_F(SqliteInbox, OffsetsStayPutWhenAMessageOfTheBatchIsNotAcked) {
-  bool fail_bad = true;
-  std::map<std::string, int> runs;
-  IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
-    ++runs[std::string(m.key)];
-    tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-    if (m.key == "bad" && fail_bad) throw std::runtime_error("boom");
-  });
-  using idem::PartitionOffset;
-  store_.save_offsets(
-      std::vector<PartitionOffset>{{.topic = "t", .partition = 0, .next_offset = 100}});
-  const std::vector<Message> batch{{.key = "ok1", .payload = "1"},
-                                   {.key = "bad", .payload = "2"},
-                                   {.key = "ok2", .payload = "3"}};
-  const std::vector<PartitionOffset> offsets{{.topic = "t", .partition = 0, .next_offset = 103}};
-  bool saved = true;
-  std::vector<Result> results = idem::consume_batch_with_offsets(consumer, batch, offsets, &saved);
-  ASSERT_EQ(results.size(), 3u);
-  EXPECT_EQ(results[0].outcome, Outcome::processed);
-  EXPECT_EQ(results[1].outcome, Outcome::failed);
-  EXPECT_EQ(results[2].outcome, Outcome::processed);
-  EXPECT_FALSE(saved);
-  // Not moved past "bad": a consumer restarting here replays the batch and loses nothing.
-  EXPECT_EQ(store_.committed_offset("t", 0), 100);
-  EXPECT_EQ(cards(), 2);  // the processed ones are committed all the same
-
-  fail_bad = false;  // the replay after a restart
-  results = idem::consume_batch_with_offsets(consumer, batch, offsets, &saved);
-  ASSERT_EQ(results.size(), 3u);
-  EXPECT_EQ(results[0].outcome, Outcome::duplicate);
-  EXPECT_EQ(results[1].outcome, Outcome::processed);
-  EXPECT_EQ(results[2].outcome, Outcome::duplicate);
-  EXPECT_TRUE(saved);
-  EXPECT_EQ(store_.committed_offset("t", 0), 103);
-  EXPECT_EQ(cards(), 3);
-  EXPECT_EQ(runs["ok1"], 1);
-  EXPECT_EQ(runs["bad"], 2);
-  EXPECT_EQ(runs["ok2"], 1);
-
-  // A conflict (dead-letter) and an in_progress key are not ackable either.
-  const std::vector<PartitionOffset> later{{.topic = "t", .partition = 0, .next_offset = 105}};
-  const std::vector<Message> conflicting{{.key = "ok3", .payload = "4"},
-                                         {.key = "ok1", .payload = "changed"}};
-  results = idem::consume_batch_with_offsets(consumer, conflicting, later, &saved);
-  EXPECT_EQ(results[1].outcome, Outcome::conflict);
-  EXPECT_FALSE(saved);
-  EXPECT_EQ(store_.committed_offset("t", 0), 103);
-  ASSERT_EQ(store_.claim({.key = "held"}).status, ClaimStatus::acquired);
-  const std::vector<Message> held{{.key = "held", .payload = "5"}};
-  results = idem::consume_batch_with_offsets(consumer, held, later, &saved);
-  EXPECT_EQ(results[0].outcome, Outcome::in_progress);
-  EXPECT_FALSE(saved);
-  EXPECT_EQ(store_.committed_offset("t", 0), 103);
-}
-
-TEST_F(SqliteInbox, WritesAfterSqliteRolledBackTheTransactionNeverCommitOnTheirOwn) {
-  for (const bool through_native : {false, true}) {
-    SCOPED_TRACE(through_native ? "native_handle()" : "SqliteTx");
-    const std::string key = through_native ? "native" : "tx";
-    IdempotentConsumer consumer(store_, [&](const Message& m, SqliteTx& tx) {
-      tx.exec("INSERT INTO cards(msg, key) VALUES(?1, ?2)", m.payload, SqliteBlob{m.key});
-      sqlite3* db = tx.native_handle();
-      // An interrupt makes SQLite roll the whole transaction back (as FULL, IOERR, NOMEM do).
-      sqlite3_progress_handler(
-          db, 1, [](void*) { return 1; }, nullptr);
-      int rc = sqlite3_exec(db, "INSERT INTO cards(msg, key) VALUES('interrupted', x'00')", nullptr,
-                            nullptr, nullptr);
-      sqlite3_progress_handler(db, 0, nullptr, nullptr);
-      EXPECT_EQ(rc & 0xff, SQLITE_INTERRUPT);
-      EXPECT_NE(sqlite3_get_autocommit(db), 0);  // the transaction is gone
-      // The handler swallows the error and writes on.
-      if (through_native) {
-        rc = sqlite3_exec(db, "INSERT INTO cards(msg, key) VALUES('after', x'01')", nullptr,
-                          nullptr, nullptr);
-        EXPECT_NE(rc, SQLITE_OK);  // vetoed: it would have committed on its own
-      } else {
-        try {
-          tx.exec("INSERT INTO cards(msg, key) VALUES('after', x'01')");
-          ADD_FAILURE() << "a statement ran outside the transaction";
-        } catch (const idem::StoreUnavailable& e) {
-          EXPECT_NE(std::string(e.what()).find("transaction is gone"), std::string::npos)
-              << e.what();
-        }
-        EXPECT_THROW(tx.prepare("SELECT 1"), idem::StoreUnavailable);
-      }
-    });
-    if (through_native) {
-      EXPECT_THROW(consumer.consume({.key = key, .payload = "p"}), idem::Error);
-    } else {
-      EXPECT_THROW(consumer.consume({.key = key, .payload = "p"}), idem::StoreUnavailable);
-    }
-    EXPECT_EQ(cards(), 0);    // no write committed on its own
-    EXPECT_EQ(records(), 0);  // and nothing is recorded as done
-  }
-  // Once SQLite is well again, the message is processed.
-  int runs = 0;
-  IdempotentConsumer consumer(store_, card_writer(runs));
-  EXPECT_EQ(consumer.consume({.key = "tx", .payload = "p"}).outcome, Outcome::processed);
-  EXPECT_EQ(cards(), 1);
-  EXPECT_EQ(records(), 1);
-}
+// --- Completions and deadlines --------------------------------------------------------------
 
 TEST(SqliteComplete, ACompletionWhoseRecordWasPurgedStillRecordsTheKeyAsDone) {
   TempDir dir;
@@ -945,6 +302,29 @@ TEST(SqliteBadInput, ReadOnlyFile) {
   EXPECT_NE(message.find("SQLITE_READONLY"), std::string::npos) << message;
 }
 
+// A read-only store (what idemctl inspect/stats open) reads while another connection holds the
+// write lock, refuses writes clearly, and refuses a file without idem's tables.
+TEST(SqliteReadOnly, ReadsDuringAWriteTransactionAndRefusesWrites) {
+  TempDir dir;
+  const std::string path = dir.file("ro-store.db");
+  SqliteStore writer(path);
+  const idem::Claim c = writer.claim({.key = "k", .fingerprint = {}, .lease = 30s});
+  ASSERT_TRUE(writer.complete({.key = "k", .token = c.token, .response = "r"}));
+  writer.transaction([&](SqliteTx&) {
+    SqliteStore reader(path, {.busy_timeout = 0ms, .read_only = true});
+    const std::optional<idem::RecordInfo> info = reader.inspect("k");
+    ASSERT_TRUE(info.has_value());
+    EXPECT_EQ(info->response, "r");
+    EXPECT_EQ(reader.stats().done, 1u);
+    const std::string what = error_of([&] { reader.forget("k"); });
+    EXPECT_NE(what.find("SQLITE_READONLY"), std::string::npos) << what;
+  });
+  const std::string empty = dir.file("empty.db");
+  std::ofstream(empty).flush();  // an empty file is an empty SQLite database
+  const std::string what = error_of([&] { SqliteStore(empty, {.read_only = true}); });
+  EXPECT_NE(what.find("does not hold this idem's tables"), std::string::npos) << what;
+}
+
 TEST(SqliteBadInput, DatabaseLockedPastBusyTimeout) {
   TempDir dir;
   const std::string path = dir.file("locked.db");
@@ -981,160 +361,6 @@ TEST(SqliteBadInput, DatabaseLockedPastBusyTimeout) {
   EXPECT_EQ(inbox.consume({.key = "k", .payload = "p"}).outcome, Outcome::processed);
   EXPECT_EQ(claims.consume({.key = "c", .payload = "p"}).outcome, Outcome::processed);
   EXPECT_EQ(runs, 2);
-}
-
-// --- Real processes --------------------------------------------------------------------------
-
-TEST(SqliteProcesses, SigkilledConsumersLoseAndDuplicateNothing) {
-  constexpr int kMinKills = 50;
-  const std::int64_t n = 20'000;  // the count, sanitizers included (a few seconds)
-  TempDir dir;
-  const std::string path = dir.file("crash.db");
-  {
-    SqliteStore store(path);
-    store.transaction([](SqliteTx& tx) {
-      tx.exec("CREATE TABLE cards(msg INTEGER NOT NULL, key BLOB NOT NULL)");
-    });
-  }
-  const unsigned seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937 rng(seed);
-  int kills = 0, runs = 0, mid_run_kills = 0;
-  std::int64_t done = 0;
-  std::chrono::microseconds window = 3ms;  // kill at a random moment in [0, window)
-  for (;;) {
-    int ready[2];
-    ASSERT_EQ(::pipe(ready), 0);
-    // Kill rounds get a quota (what is left, spread over the kills still due), so every one of
-    // them ends in a SIGKILL even if the machine suddenly speeds up; the last run finishes.
-    const std::int64_t quota =
-        kills < kMinKills ? std::max<std::int64_t>(50, (n - done) / (kMinKills - kills)) : 0;
-    const pid_t pid = spawn_child({{"IDEM_SQLITE_CHILD", "crash"},
-                                   {"IDEM_DB", path},
-                                   {"IDEM_N", std::to_string(n)},
-                                   {"IDEM_QUOTA", std::to_string(quota)},
-                                   {"IDEM_BATCHED", runs % 2 ? "1" : "0"},
-                                   {"IDEM_READY_FD", std::to_string(ready[1])}});
-    ASSERT_GT(pid, 0);
-    ::close(ready[1]);
-    char byte = 0;
-    const bool started = ::read(ready[0], &byte, 1) == 1;
-    ::close(ready[0]);
-    ++runs;
-    if (started && kills < kMinKills) {
-      std::this_thread::sleep_for(std::chrono::microseconds(rng() % window.count()));
-      ::kill(pid, SIGKILL);
-    }
-    const int code = wait_exit_code(pid);
-    if (code == 128 + SIGKILL) {
-      ++kills;
-    } else {
-      ASSERT_EQ(code, 0) << "child failed on run " << runs;
-    }
-    const std::int64_t now_done = RawDb(path).scalar("SELECT count(*) FROM cards");
-    // Aim to kill most runs mid-way through their quota: shrink the window when a run got
-    // through (nearly) all of it, widen it when a run barely started.
-    const std::int64_t progress = now_done - done;
-    // A run that did not get through its quota (less the replayed tail) was killed mid-way.
-    if (code == 128 + SIGKILL && progress < quota - 25) ++mid_run_kills;
-    if (quota > 0 && progress >= quota * 3 / 4) window = window / 2 + 100us;
-    if (quota > 0 && progress < quota / 4) window = window * 5 / 4 + 200us;
-    if (code == 0) break;
-    done = now_done;
-    ASSERT_LT(runs, 2000) << "no progress";
-  }
-  EXPECT_GE(kills, kMinKills);
-  EXPECT_GE(mid_run_kills, kMinKills / 5) << "the kills must land while messages are consumed";
-  RawDb raw(path);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM cards"), n);
-  EXPECT_EQ(raw.scalar("SELECT count(DISTINCT msg) FROM cards"), n);
-  EXPECT_EQ(raw.scalar("SELECT min(msg) FROM cards"), 0);
-  EXPECT_EQ(raw.scalar("SELECT max(msg) FROM cards"), n - 1);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM idem_keys WHERE state = 1"), n);
-  EXPECT_EQ(raw.scalar("SELECT next_offset FROM idem_offsets WHERE topic = 'crash'"), n);
-  EXPECT_EQ(raw.text("PRAGMA integrity_check"), "ok");
-  std::printf(
-      "[          ] %d runs, %d SIGKILLs (%d mid-run), %lld messages, %lld done before the last "
-      "run\n",
-      runs, kills, mid_run_kills, static_cast<long long>(n), static_cast<long long>(done));
-}
-
-TEST(SqliteProcesses, AWaitingDuplicateGetsTheResponseOfAnotherProcessesHandler) {
-  TempDir dir;
-  const std::string path = dir.file("wait.db");
-  { SqliteStore create(path); }
-  int fds[2];
-  ASSERT_EQ(::pipe(fds), 0);
-  const pid_t pid = ::fork();
-  if (pid == 0) {  // the first worker: claims, says so, handles slowly, completes
-    ::close(fds[0]);
-    SqliteStore store(path);
-    IdempotentConsumer consumer(store, [&](const Message&) {
-      (void)!::write(fds[1], "x", 1);
-      std::this_thread::sleep_for(300ms);
-      return std::string("card-from-child");
-    });
-    const bool ok =
-        consumer.consume({.key = "pay-1", .payload = "p"}).outcome == Outcome::processed;
-    ::_exit(ok ? 0 : 1);
-  }
-  ::close(fds[1]);
-  char started = 0;
-  ASSERT_EQ(::read(fds[0], &started, 1), 1);
-  ::close(fds[0]);
-  SqliteStore store(path);
-  int runs = 0;
-  IdempotentConsumer consumer(
-      store, [&](const Message&) { ++runs; }, idem::Options{.in_progress_wait = 60s});
-  Result r = consumer.consume({.key = "pay-1", .payload = "p"});
-  EXPECT_EQ(r.outcome, Outcome::duplicate);
-  EXPECT_EQ(r.response, "card-from-child");
-  EXPECT_EQ(runs, 0);
-  EXPECT_EQ(wait_exit_code(pid), 0);
-}
-
-TEST(SqliteProcesses, TwoProcessesOfFourThreadsRunEachHandlerOnce) {
-  const std::size_t keys = 2'000;
-  TempDir dir;
-  const std::string path = dir.file("race.db");
-  {
-    SqliteStore store(path);
-    store.transaction([](SqliteTx& tx) {
-      tx.exec("CREATE TABLE runs(msg INTEGER NOT NULL, pid INTEGER NOT NULL)");
-    });
-  }
-  int go[2];
-  ASSERT_EQ(::pipe(go), 0);
-  std::vector<pid_t> pids;
-  for (int p = 0; p < 2; ++p) {
-    int ready[2];
-    ASSERT_EQ(::pipe(ready), 0);
-    pids.push_back(spawn_child({{"IDEM_SQLITE_CHILD", "race"},
-                                {"IDEM_DB", path},
-                                {"IDEM_N", std::to_string(keys)},
-                                {"IDEM_OUT", dir.file("claims-" + std::to_string(p))},
-                                {"IDEM_READY_FD", std::to_string(ready[1])},
-                                {"IDEM_GO_FD", std::to_string(go[0])}}));
-    ::close(ready[1]);
-    char byte = 0;
-    EXPECT_EQ(::read(ready[0], &byte, 1), 1);
-    ::close(ready[0]);
-  }
-  ASSERT_EQ(::write(go[1], "gg", 2), 2);
-  ::close(go[0]);
-  ::close(go[1]);
-  for (pid_t pid : pids) EXPECT_EQ(wait_exit_code(pid), 0);
-
-  RawDb raw(path);
-  EXPECT_EQ(raw.scalar("SELECT count(*) FROM runs"), static_cast<std::int64_t>(keys));
-  EXPECT_EQ(raw.scalar("SELECT count(DISTINCT msg) FROM runs"), static_cast<std::int64_t>(keys));
-  std::vector<int> claim_runs(keys, 0);
-  for (int p = 0; p < 2; ++p) {
-    std::ifstream in(dir.file("claims-" + std::to_string(p)));
-    for (std::size_t i; in >> i;) ++claim_runs.at(i);
-  }
-  EXPECT_EQ(std::count(claim_runs.begin(), claim_runs.end(), 1), static_cast<std::ptrdiff_t>(keys));
-  EXPECT_EQ(raw.text("PRAGMA integrity_check"), "ok");
 }
 
 }  // namespace

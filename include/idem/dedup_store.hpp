@@ -26,13 +26,23 @@ struct RecordInfo {
   std::optional<std::string> response{};
 };
 
-/// @brief Store-wide numbers, for operators (idemctl stats). Unknown values stay 0.
+/// @brief Store-wide numbers, for operators (idemctl stats). The same meaning for every store
+/// (the conformance suite checks it); unknown values stay 0.
 struct StoreStats {
+  /// Records the store holds now, in any state, including expired or released ones it has not
+  /// deleted yet (what purge_expired() may drop, and what `bytes` pays for).
   std::uint64_t records = 0;
+  /// Records in progress whose lease still runs (an expired lease is not counted).
   std::uint64_t in_progress = 0;
+  /// Done records still within their retention.
   std::uint64_t done = 0;
+  /// Storage used by the records (memory, file or table size, as the backend can tell).
   std::uint64_t bytes = 0;
+  /// Done records dropped early to respect a bound (bounded stores only).
   std::uint64_t evictions = 0;
+  /// Entries where the store keeps its records that are not records of its own (e.g. a Redis
+  /// key under the prefix written by another program); not counted in `records`.
+  std::uint64_t foreign = 0;
 };
 
 /// @brief Throws InvalidMessage unless 1 <= key.size() <= max_key_bytes. Any bytes are allowed.
@@ -109,14 +119,20 @@ class DedupStore {
     return translate_errors([&] { return do_inspect(key); });
   }
 
-  /// @brief Store-wide counts. @throws idem::ConfigError when the backend cannot count.
-  StoreStats stats_summary() {
-    return translate_errors([&] { return do_stats_summary(); });
+  /// @brief Store-wide counts (see StoreStats). May scan every record: an operator's call.
+  /// @throws idem::ConfigError when the backend cannot count.
+  StoreStats stats() {
+    return translate_errors([&] { return do_stats(); });
   }
+  [[deprecated("use stats()")]] StoreStats stats_summary() { return stats(); }
 
-  /// @brief Drops up to max_records expired records now; returns how many.
-  std::size_t purge_expired_records(std::size_t max_records) {
+  /// @brief Drops up to max_records expired records now; returns how many (0 for a store whose
+  /// records expire by themselves, like Redis).
+  std::size_t purge_expired(std::size_t max_records = SIZE_MAX) {
     return translate_errors([&] { return do_purge_expired(max_records); });
+  }
+  [[deprecated("use purge_expired()")]] std::size_t purge_expired_records(std::size_t max_records) {
+    return purge_expired(max_records);
   }
 
   /// @brief Blocks for up to max_wait, or less when the record of key may have changed (a
@@ -138,7 +154,7 @@ class DedupStore {
   virtual std::vector<bool> do_complete_batch(std::span<const Completion> completions);
   // Operator hooks; the defaults say the backend does not support them.
   virtual std::optional<RecordInfo> do_inspect(std::string_view key);
-  virtual StoreStats do_stats_summary();
+  virtual StoreStats do_stats();
   virtual std::size_t do_purge_expired(std::size_t max_records);
   // Default: sleeps max_wait.
   virtual void do_await_change(std::string_view key, std::chrono::milliseconds max_wait);

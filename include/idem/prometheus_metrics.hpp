@@ -87,10 +87,10 @@ class PrometheusMetrics final : public Metrics {
   /// idem::ConfigError (a store without the stats hook) is left out of the output.
   /// @throws idem::ConfigError when label is already registered.
   void add_store(std::string label, StatsSource source);
-  /// @brief add_store() for any DedupStore, through its stats_summary() operator hook.
+  /// @brief add_store() for any DedupStore, through its stats() operator hook.
   /// The store must outlive this object (or be removed with remove_store()).
   void add_store(DedupStore& store, std::string label = {});
-  /// @brief add_store() for a MemoryStore through its cheap stats() (no scan of records;
+  /// @brief add_store() for a MemoryStore through its cheap counters() (no scan of records;
   /// in_progress and done stay 0). The store must outlive this object.
   void add_store(const MemoryStore& store, std::string label = "memory");
   /// @brief Stops publishing a store. False when no store had that label.

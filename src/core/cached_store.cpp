@@ -27,7 +27,7 @@ struct CachedStore::Cache {
   };
   using List = std::list<Entry>;
 
-  Cache(CachedStoreOptions opts)
+  Cache(CachedOptions opts)
       : options(opts), clock(opts.clock != nullptr ? *opts.clock : monotonic_clock()) {}
 
   std::int64_t now() const noexcept { return clock.now_ms(); }
@@ -115,7 +115,7 @@ struct CachedStore::Cache {
     lru.erase(entry);
   }
 
-  const CachedStoreOptions options;
+  const CachedOptions options;
   const Clock& clock;
   std::mutex mutex;
   List lru;                                                     // most recently used first
@@ -128,7 +128,7 @@ struct CachedStore::Cache {
 };
 
 namespace {
-CachedStoreOptions checked(CachedStoreOptions options) {
+CachedOptions checked(CachedOptions options) {
   if (options.max_entries == 0 || options.max_bytes == 0 || options.max_ttl.count() <= 0) {
     throw ConfigError(
         "cached store: max_entries, max_bytes and max_ttl must be positive (to cache nothing, "
@@ -138,14 +138,14 @@ CachedStoreOptions checked(CachedStoreOptions options) {
 }
 }  // namespace
 
-CachedStore::CachedStore(DedupStore& inner, CachedStoreOptions options)
+CachedStore::CachedStore(DedupStore& inner, CachedOptions options)
     : inner_(inner),
       name_("cached " + std::string(inner.name())),
       cache_(std::make_unique<Cache>(checked(options))) {}
 
 CachedStore::~CachedStore() = default;
 
-CachedStoreStats CachedStore::cache_stats() const {
+CachedStoreStats CachedStore::counters() const {
   std::lock_guard lock(cache_->mutex);
   return CachedStoreStats{.hits = cache_->hits.load(std::memory_order_relaxed),
                           .misses = cache_->misses.load(std::memory_order_relaxed),
@@ -263,12 +263,12 @@ std::optional<RecordInfo> CachedStore::do_inspect(std::string_view key) {
   return inner_.inspect(key);
 }
 
-StoreStats CachedStore::do_stats_summary() {
-  return inner_.stats_summary();
+StoreStats CachedStore::do_stats() {
+  return inner_.stats();
 }
 
 std::size_t CachedStore::do_purge_expired(std::size_t max_records) {
-  return inner_.purge_expired_records(max_records);
+  return inner_.purge_expired(max_records);
 }
 
 void CachedStore::do_await_change(std::string_view key, std::chrono::milliseconds max_wait) {

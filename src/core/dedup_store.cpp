@@ -85,7 +85,7 @@ std::vector<bool> DedupStore::do_complete_batch(std::span<const Completion> comp
 std::optional<RecordInfo> DedupStore::do_inspect(std::string_view) {
   throw_unsupported("inspect");
 }
-StoreStats DedupStore::do_stats_summary() {
+StoreStats DedupStore::do_stats() {
   throw_unsupported("stats");
 }
 std::size_t DedupStore::do_purge_expired(std::size_t) {

@@ -254,7 +254,7 @@ struct alignas(64) Shard {
 }  // namespace
 
 struct MemoryStore::Impl {
-  explicit Impl(const MemoryStoreOptions& options)
+  explicit Impl(const MemoryOptions& options)
       : clock(options.clock ? options.clock : &monotonic_clock()),
         shard_bits(std::bit_width(std::bit_ceil(options.shards ? options.shards : 64)) - 1),
         shards(std::size_t{1} << shard_bits),
@@ -301,7 +301,7 @@ struct MemoryStore::Impl {
   }
 };
 
-MemoryStore::MemoryStore(MemoryStoreOptions options) : impl_(std::make_unique<Impl>(options)) {}
+MemoryStore::MemoryStore(MemoryOptions options) : impl_(std::make_unique<Impl>(options)) {}
 MemoryStore::~MemoryStore() = default;
 
 Claim MemoryStore::do_claim(const ClaimRequest& request) {
@@ -425,14 +425,17 @@ std::optional<RecordInfo> MemoryStore::do_inspect(std::string_view key_bytes) {
   return info;
 }
 
-StoreStats MemoryStore::do_stats_summary() {
+StoreStats MemoryStore::do_stats() {
   StoreStats summary;
   for (Shard& s : impl_->shards) {
     std::lock_guard lock(s.mutex);
+    const std::int64_t now = impl_->clock->now_ms();
     summary.records += s.entries.size();
     summary.bytes += s.bytes;
     summary.evictions += s.evictions;
+    // As every store counts them: only leases still running and retentions not yet over.
     for (const Entry* e : s.entries) {
+      if (!e->live(now)) continue;
       summary.in_progress += e->state == State::in_progress;
       summary.done += e->state == State::done;
     }
@@ -440,7 +443,7 @@ StoreStats MemoryStore::do_stats_summary() {
   return summary;
 }
 
-std::size_t MemoryStore::purge_expired(std::size_t max_records) {
+std::size_t MemoryStore::do_purge_expired(std::size_t max_records) {
   std::size_t dropped = 0;
   for (Shard& s : impl_->shards) {
     if (dropped >= max_records) break;
@@ -468,7 +471,7 @@ std::size_t MemoryStore::purge_expired(std::size_t max_records) {
   return dropped;
 }
 
-MemoryStoreStats MemoryStore::stats() const {
+MemoryStoreStats MemoryStore::counters() const {
   MemoryStoreStats stats;
   for (Shard& s : impl_->shards) {
     std::lock_guard lock(s.mutex);

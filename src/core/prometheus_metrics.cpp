@@ -202,12 +202,12 @@ void PrometheusMetrics::add_store(std::string label, StatsSource source) {
 
 void PrometheusMetrics::add_store(DedupStore& store, std::string label) {
   if (label.empty()) label = std::string(store.name());
-  add_store(std::move(label), [&store] { return store.stats_summary(); });
+  add_store(std::move(label), [&store] { return store.stats(); });
 }
 
 void PrometheusMetrics::add_store(const MemoryStore& store, std::string label) {
   add_store(std::move(label), [&store] {
-    const MemoryStoreStats s = store.stats();
+    const MemoryStoreStats s = store.counters();
     return StoreStats{.records = s.keys, .bytes = s.bytes, .evictions = s.evictions};
   });
 }

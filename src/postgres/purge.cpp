@@ -40,7 +40,7 @@ void PostgresStore::Impl::maybe_purge(detail::pg::Connection& conn) noexcept {
   }
 }
 
-std::size_t PostgresStore::purge_expired(std::size_t max_records) {
+std::size_t PostgresStore::do_purge_expired(std::size_t max_records) {
   if (max_records == 0) return 0;
   detail::pg::Lease conn = impl_->pool.acquire();
   Params lock;

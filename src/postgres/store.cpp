@@ -477,7 +477,7 @@ void PostgresStore::do_await_change(std::string_view key, std::chrono::milliseco
   if (status == Listener::Status::unavailable) std::this_thread::sleep_until(deadline);
 }
 
-PostgresStoreStats PostgresStore::stats() const {
+PostgresStoreStats PostgresStore::counters() const {
   const detail::pg::WaitCounters& c = impl_->wait_counters;
   return PostgresStoreStats{
       .notifications = c.notifications.load(std::memory_order_relaxed),
@@ -509,7 +509,7 @@ std::optional<RecordInfo> PostgresStore::do_inspect(std::string_view key) {
   return info;
 }
 
-StoreStats PostgresStore::do_stats_summary() {
+StoreStats PostgresStore::do_stats() {
   detail::pg::Lease conn = impl_->pool.acquire();
   ResultPtr result = conn->run_ok(Sql::stats, Params{}, "counting records");
   StoreStats stats;

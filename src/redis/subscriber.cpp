@@ -150,7 +150,7 @@ bool Subscriber::connect(std::unique_lock<std::mutex>& lock, Clock::time_point d
     changed_.notify_all();
     if (!ctx) {  // the next waits only pause, for a backoff like the pool's
       backoff_ =
-          std::clamp(backoff_ * 2, options_.reconnect_backoff_min, options_.reconnect_backoff_max);
+          std::clamp(backoff_ * 2, options_.reconnect_backoff, options_.max_reconnect_backoff);
       next_connect_ = Clock::now() + backoff_;
       return false;
     }

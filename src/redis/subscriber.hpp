@@ -19,6 +19,7 @@
 #include <unordered_map>
 
 #include "connection.hpp"
+#include "counters.hpp"
 
 namespace idem::redis_detail {
 

@@ -18,12 +18,12 @@ bool only_separators(std::string_view tail) noexcept {
 
 }  // namespace
 
-SqliteConnection::SqliteConnection(std::string path, std::chrono::milliseconds busy_timeout)
+SqliteConnection::SqliteConnection(std::string path, std::chrono::milliseconds busy_timeout,
+                                   bool read_only)
     : path_(std::move(path)), busy_timeout_(busy_timeout) {
   sqlite3* raw = nullptr;
-  const int rc =
-      sqlite3_open_v2(path_.c_str(), &raw,
-                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+  const int flags = read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
+  const int rc = sqlite3_open_v2(path_.c_str(), &raw, flags | SQLITE_OPEN_NOMUTEX, nullptr);
   db_.reset(raw);  // a handle comes back even on failure and must be closed
   if (rc != SQLITE_OK) fail(rc, "opening the database", Phase::open);
   sqlite3_extended_result_codes(db_.get(), 1);
@@ -31,7 +31,7 @@ SqliteConnection::SqliteConnection(std::string path, std::chrono::milliseconds b
   // which throttles processes sharing a file; this one polls from 20 us up to 2 ms.
   sqlite3_busy_handler(db_.get(), &SqliteConnection::on_busy, this);
   sqlite3_set_authorizer(db_.get(), &SqliteConnection::authorize, this);
-  if (sqlite3_db_readonly(db_.get(), "main") == 1) {
+  if (!read_only && sqlite3_db_readonly(db_.get(), "main") == 1) {
     throw SqliteUnavailable(
         "sqlite store '" + path_ +
             "': the database file is read-only for this process (SQLITE_READONLY): a dedup "

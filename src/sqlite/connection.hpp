@@ -44,7 +44,8 @@ inline constexpr const char* kMessageSavepoint = "idem_message";
 // Not thread-safe: the SqliteStore that owns it serializes every use behind its mutex.
 class SqliteConnection {
  public:
-  SqliteConnection(std::string path, std::chrono::milliseconds busy_timeout);
+  SqliteConnection(std::string path, std::chrono::milliseconds busy_timeout,
+                   bool read_only = false);
 
   sqlite3* db() const noexcept { return db_.get(); }
   const std::string& path() const noexcept { return path_; }

@@ -84,7 +84,7 @@ std::string advice(int primary) {
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
       return "another connection kept the database locked longer than busy_timeout; retry "
-             "later, or raise SqliteStoreOptions::busy_timeout if that writer is expected to "
+             "later, or raise SqliteOptions::busy_timeout if that writer is expected to "
              "be slow";
     case SQLITE_CANTOPEN:
       return "check that the directory exists and that this process may create files in it "

@@ -61,7 +61,7 @@ void SqliteStore::Impl::maybe_purge(std::int64_t now) {
   inserted = 0;
 }
 
-std::size_t SqliteStore::purge_expired(std::size_t max_records) {
+std::size_t SqliteStore::do_purge_expired(std::size_t max_records) {
   // One pass over the whole table, 1000 records per transaction so each write lock is short.
   constexpr std::size_t kChunk = 1000;
   std::size_t total = 0;

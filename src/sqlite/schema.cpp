@@ -69,11 +69,16 @@ bool schema_in_place(SqliteConnection& conn) {
 
 }  // namespace
 
-void open_schema(SqliteConnection& conn) {
+void open_schema(SqliteConnection& conn, bool read_only) {
   if (schema_in_place(conn)) {
     require_layout(conn, "idem_keys", kKeyColumns);
     require_layout(conn, "idem_offsets", kOffsetColumns);
     return;
+  }
+  if (read_only) {
+    throw ConfigError("sqlite store '" + conn.path() +
+                      "': opened read-only, but the file does not hold this idem's tables (not "
+                      "an idem store, or one no consumer of this version has opened yet)");
   }
   conn.exec_script("BEGIN IMMEDIATE", "locking the database to create the tables", Phase::open);
   try {

@@ -49,6 +49,6 @@ inline constexpr const char* kOffsetSql =
 
 /// Creates the tables when missing, in one write transaction, then checks that the file's
 /// tables are the ones this build knows: idem::ConfigError names what differs and what to do.
-void open_schema(SqliteConnection& connection);
+void open_schema(SqliteConnection& connection, bool read_only = false);
 
 }  // namespace idem::detail::sqlite

@@ -14,12 +14,13 @@ using detail::Step;
 using detail::sqlite::kDone;
 using detail::sqlite::kInProgress;
 
-SqliteStore::Impl::Impl(std::string path, const SqliteStoreOptions& opts)
+SqliteStore::Impl::Impl(std::string path, const SqliteOptions& opts)
     : options(opts),
       clock(opts.clock != nullptr ? opts.clock : &system_clock()),
-      conn(std::move(path), opts.busy_timeout) {
-  // A private in-memory database has no file to share: it keeps its own journal mode.
-  if (!conn.in_memory()) {
+      conn(std::move(path), opts.busy_timeout, opts.read_only) {
+  // A private in-memory database has no file to share: it keeps its own journal mode. A
+  // read-only store reads the file in the mode its writers chose.
+  if (!conn.in_memory() && !opts.read_only) {
     conn.exec_script("PRAGMA journal_mode=WAL", "switching to WAL mode", detail::Phase::open);
     {
       StmtPtr mode = conn.prepare_internal("PRAGMA journal_mode");
@@ -37,7 +38,7 @@ SqliteStore::Impl::Impl(std::string path, const SqliteStoreOptions& opts)
   conn.exec_script(opts.synchronous == SqliteSync::full ? "PRAGMA synchronous=FULL"
                                                         : "PRAGMA synchronous=NORMAL",
                    "setting PRAGMA synchronous", detail::Phase::open);
-  detail::sqlite::open_schema(conn);
+  detail::sqlite::open_schema(conn, opts.read_only);
 
   begin = conn.prepare_internal("BEGIN IMMEDIATE");
   commit = conn.prepare_internal("COMMIT");
@@ -92,7 +93,7 @@ SqliteStore::Impl::Impl(std::string path, const SqliteStoreOptions& opts)
 }
 
 namespace {
-SqliteStoreOptions checked(const std::string& path, const SqliteStoreOptions& options) {
+SqliteOptions checked(const std::string& path, const SqliteOptions& options) {
   if (path.empty()) {
     throw ConfigError(
         "sqlite store: the path is empty: give the database file's path (\":memory:\" for a "
@@ -107,7 +108,7 @@ SqliteStoreOptions checked(const std::string& path, const SqliteStoreOptions& op
 }
 }  // namespace
 
-SqliteStore::SqliteStore(std::string path, SqliteStoreOptions options)
+SqliteStore::SqliteStore(std::string path, SqliteOptions options)
     : impl_(std::make_unique<Impl>(path, checked(path, options))) {}
 
 SqliteStore::~SqliteStore() = default;
@@ -229,7 +230,7 @@ std::optional<RecordInfo> SqliteStore::do_inspect(std::string_view key) {
   return info;
 }
 
-StoreStats SqliteStore::do_stats_summary() {
+StoreStats SqliteStore::do_stats() {
   Lock lock(*impl_);
   const std::int64_t now = impl_->clock->now_ms();
   StoreStats stats;

@@ -46,7 +46,7 @@ struct SqliteStore::Impl {
   using Step = detail::Step;
   using StmtPtr = detail::StmtPtr;
 
-  Impl(std::string path, const SqliteStoreOptions& opts);
+  Impl(std::string path, const SqliteOptions& opts);
 
   // The write transaction of one call: BEGIN IMMEDIATE (waiting up to busy_timeout for other
   // connections), rolled back on scope exit unless committed.
@@ -180,7 +180,7 @@ struct SqliteStore::Impl {
   // Examines the next `limit` records in key order from where the previous step stopped
   // (wrapping at the end) and deletes the expired ones, at most max_delete. Returns how many.
   std::size_t purge_step(std::int64_t now, std::size_t limit, std::size_t max_delete = SIZE_MAX);
-  // Bounded purge work riding on a write transaction (see SqliteStoreOptions::purge_interval).
+  // Bounded purge work riding on a write transaction (see SqliteOptions::purge_interval).
   void maybe_purge(std::int64_t now);
 
   // After a failed attempt whose record was undone: the token it ran under must never be handed
@@ -195,7 +195,7 @@ struct SqliteStore::Impl {
     step.blob(1, key).i64(2, now).i64(3, static_cast<std::int64_t>(token)).run();
   }
 
-  SqliteStoreOptions options;
+  SqliteOptions options;
   const Clock* clock;
   detail::SqliteConnection conn;
   std::mutex mutex;

@@ -21,7 +21,7 @@
 namespace idem {
 
 /// @brief Bounds and reporting of a CachedStore.
-struct CachedStoreOptions {
+struct CachedOptions {
   /// Most done keys remembered; past it the least recently used are dropped (they are then
   /// asked of the store again).
   std::size_t max_entries = 100'000;
@@ -36,6 +36,9 @@ struct CachedStoreOptions {
   /// are compared with the store's, so the store's clock may differ.
   const Clock* clock = nullptr;
 };
+
+/// @brief The old name of CachedOptions.
+using CachedStoreOptions [[deprecated("use idem::CachedOptions")]] = CachedOptions;
 
 /// @brief What a CachedStore has answered, read without stopping it.
 struct CachedStoreStats {
@@ -58,12 +61,15 @@ struct CachedStoreStats {
 class CachedStore final : public DedupStore {
  public:
   /// @throws idem::ConfigError for zero bounds or a non-positive max_ttl.
-  explicit CachedStore(DedupStore& inner, CachedStoreOptions options = {});
+  explicit CachedStore(DedupStore& inner, CachedOptions options = {});
   ~CachedStore() override;
 
   std::string_view name() const noexcept override { return name_; }
   DedupStore& inner() const noexcept { return inner_; }
-  CachedStoreStats cache_stats() const;
+  /// @brief The cache's own counters (hits, misses, entries); stats() gives the inner store's
+  /// StoreStats.
+  CachedStoreStats counters() const;
+  [[deprecated("use counters()")]] CachedStoreStats cache_stats() const { return counters(); }
   /// @brief Forgets every cached entry (the store's records are untouched).
   void clear_cache();
 
@@ -75,7 +81,7 @@ class CachedStore final : public DedupStore {
   std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests) override;
   std::vector<bool> do_complete_batch(std::span<const Completion> completions) override;
   std::optional<RecordInfo> do_inspect(std::string_view key) override;
-  StoreStats do_stats_summary() override;
+  StoreStats do_stats() override;
   std::size_t do_purge_expired(std::size_t max_records) override;
   void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override;
 

@@ -13,7 +13,7 @@
 namespace idem {
 
 /// @brief Limits and tuning of a MemoryStore. 0 means "no limit" / "pick a default".
-struct MemoryStoreOptions {
+struct MemoryOptions {
   /// Most records kept; past it the oldest done records are evicted (an evicted key can be
   /// processed again). Enforced per shard as max_keys / shards. 0: unbounded.
   std::size_t max_keys = 0;
@@ -25,6 +25,9 @@ struct MemoryStoreOptions {
   /// Time source; nullptr: idem::monotonic_clock(). Must outlive the store.
   const Clock* clock = nullptr;
 };
+
+/// @brief The old name of MemoryOptions.
+using MemoryStoreOptions [[deprecated("use idem::MemoryOptions")]] = MemoryOptions;
 
 /// @brief Counters of a MemoryStore, read without stopping it.
 struct MemoryStoreStats {
@@ -41,12 +44,12 @@ struct MemoryStoreStats {
 /// RedisStore when redeliveries can outlive the process.
 class MemoryStore final : public DedupStore {
  public:
-  explicit MemoryStore(MemoryStoreOptions options = {});
+  explicit MemoryStore(MemoryOptions options = {});
   ~MemoryStore() override;
 
-  MemoryStoreStats stats() const;
-  /// @brief Drops up to max_records expired records; returns how many were dropped.
-  std::size_t purge_expired(std::size_t max_records = SIZE_MAX);
+  /// @brief The store's own counters, read without stopping it (no scan; cheap to poll).
+  /// stats() gives the store-wide StoreStats every backend has.
+  MemoryStoreStats counters() const;
   std::string_view name() const noexcept override { return "memory"; }
 
  private:
@@ -55,11 +58,9 @@ class MemoryStore final : public DedupStore {
   bool do_release(std::string_view key, std::uint64_t token) override;
   bool do_forget(std::string_view key) override;
   std::optional<RecordInfo> do_inspect(std::string_view key) override;
-  StoreStats do_stats_summary() override;
+  StoreStats do_stats() override;
   void do_await_change(std::string_view key, std::chrono::milliseconds max_wait) override;
-  std::size_t do_purge_expired(std::size_t max_records) override {
-    return purge_expired(max_records);
-  }
+  std::size_t do_purge_expired(std::size_t max_records) override;
 
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -86,7 +86,7 @@ struct PostgresOptions {
   std::size_t purge_batch = 1000;
   /// Automatic purge: one bounded purge step after a write at most this often (and after
   /// every write while steps keep finding a full purge_batch), skipped while another session
-  /// holds the purge advisory lock. 0: none (call purge_expired_records()).
+  /// holds the purge advisory lock. 0: none (call purge_expired()).
   std::chrono::milliseconds purge_interval{std::chrono::seconds{60}};
 };
 
@@ -249,12 +249,9 @@ class PostgresStore final : public InboxStore<PostgresTx> {
   /// business tables, ...). Commits when work returns, rolls back if it throws.
   void transaction(detail::FunctionRef<void(PostgresTx&)> work);
 
-  /// @brief Deletes up to max_records expired records in bounded steps; returns how many.
-  /// Only one instance purges at a time (an advisory lock); others return 0 meanwhile.
-  std::size_t purge_expired(std::size_t max_records = SIZE_MAX);
-
-  /// @brief Counters of the waits for held keys (Options::in_progress_wait).
-  PostgresStoreStats stats() const;
+  /// @brief The store's own counters: the waits for held keys (Options::in_progress_wait).
+  /// stats() gives the store-wide StoreStats every backend has.
+  PostgresStoreStats counters() const;
 
  private:
   Claim do_claim(const ClaimRequest& request) override;
@@ -264,10 +261,10 @@ class PostgresStore final : public InboxStore<PostgresTx> {
   std::vector<Claim> do_claim_batch(std::span<const ClaimRequest> requests) override;
   std::vector<bool> do_complete_batch(std::span<const Completion> completions) override;
   std::optional<RecordInfo> do_inspect(std::string_view key) override;
-  StoreStats do_stats_summary() override;
-  std::size_t do_purge_expired(std::size_t max_records) override {
-    return purge_expired(max_records);
-  }
+  StoreStats do_stats() override;
+  /// Deletes up to max_records expired records in bounded steps. Only one instance purges
+  /// at a time (an advisory lock); others return 0 meanwhile.
+  std::size_t do_purge_expired(std::size_t max_records) override;
   /// LISTENs on a dedicated connection (opened on the first wait, never a pooled one) and
   /// registers interest in the key there (a shared advisory lock, which the completing
   /// statements probe before they NOTIFY), checks the record (FOR SHARE, on a pooled

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "idem/dedup_store.hpp"
+#include "idem/stores/redis_errors.hpp"
 
 struct redisContext;  // hiredis; only the sources include <hiredis/hiredis.h>
 
@@ -47,11 +48,12 @@ struct RedisOptions {
   std::size_t pool_size = 8;
   /// Longest wait for a free pooled connection when all pool_size are busy.
   std::chrono::milliseconds pool_wait_timeout{std::chrono::seconds{1}};
-  /// After a failed connect, further connects to that node are refused (fast
-  /// idem::StoreUnavailable) for a backoff that doubles from reconnect_backoff_min up to
-  /// reconnect_backoff_max, and resets on the first success.
-  std::chrono::milliseconds reconnect_backoff_min{std::chrono::milliseconds{20}};
-  std::chrono::milliseconds reconnect_backoff_max{std::chrono::seconds{1}};
+  /// After a failed connect, further connects to that node are refused at once (with the same
+  /// idem::RedisUnavailable, saying when the next attempt is) for a backoff that starts at
+  /// reconnect_backoff, doubles up to max_reconnect_backoff, and resets on the first success.
+  std::chrono::milliseconds reconnect_backoff{std::chrono::milliseconds{20}};
+  /// The longest reconnect backoff (>= reconnect_backoff).
+  std::chrono::milliseconds max_reconnect_backoff{std::chrono::seconds{1}};
   /// Treat host:port as a seed of a Redis Cluster: route by hash slot, follow MOVED/ASK.
   bool cluster = false;
   /// Most MOVED/ASK/TRYAGAIN/reconnect rounds one cluster call makes before it gives up.
@@ -92,8 +94,8 @@ struct RedisStoreStats {
 /// Fencing tokens come from INCR on a per-hash-slot counter, so they strictly increase per
 /// key across releases, expiries and takeovers. See docs/stores/redis.md.
 ///
-/// Operator hooks (idemctl): inspect() reads one record, stats_summary() SCANs every master,
-/// purge_expired_records() returns 0 (Redis expires records on its own; nothing to purge).
+/// Operator hooks (idemctl): inspect() reads one record, stats() SCANs every master,
+/// purge_expired() returns 0 (Redis expires records on its own; nothing to purge).
 ///
 /// Waiting (await_change, used by Options::in_progress_wait): completions, releases and
 /// forgets announce the key on a sharded pub/sub channel of its slot (SPUBLISH, Redis 7; on
@@ -108,8 +110,9 @@ class RedisStore final : public DedupStore {
   explicit RedisStore(RedisOptions options = {});
   ~RedisStore() override;
 
-  /// @brief Connects (if needed) and sends PING to every known node.
-  /// @throws idem::StoreUnavailable saying what is wrong (refused, timeout, auth, not Redis).
+  /// @brief Connects (if needed) and sends PING to every master.
+  /// @throws idem::RedisUnavailable saying what is wrong: its type tells the kind
+  /// (RedisIoError, RedisTimeout, RedisProtocolError, RedisReplyError).
   void ping();
 
   /// @brief Runs f with a pooled, connected, authenticated hiredis context of the node that
@@ -127,7 +130,9 @@ class RedisStore final : public DedupStore {
   /// `PUBSUB SHARDNUMSUB` or an ACL rule.
   std::string notification_channel(std::string_view key) const;
 
-  RedisStoreStats stats() const;
+  /// @brief The store's own counters since construction (no server call; cheap to poll).
+  /// stats() gives the store-wide StoreStats every backend has (a SCAN).
+  RedisStoreStats counters() const;
   const RedisOptions& options() const noexcept;
   std::string_view name() const noexcept override { return "redis"; }
 
@@ -148,7 +153,7 @@ class RedisStore final : public DedupStore {
   /// scrape. `records` counts every record found; `in_progress` only live leases, so a record
   /// in its takeover grace is in `records` alone. `bytes` sums MEMORY USAGE (0 where that
   /// command is refused); `evictions` stays 0. Approximate while keys expire or slots migrate.
-  StoreStats do_stats_summary() override;
+  StoreStats do_stats() override;
   /// Always 0: Redis expires every record itself (PX on each write: in-progress records after
   /// two leases, done ones after the retention), so there is never anything left to purge.
   std::size_t do_purge_expired(std::size_t /*max_records*/) override { return 0; }

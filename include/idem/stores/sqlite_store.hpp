@@ -84,7 +84,7 @@ enum class SqliteSync {
 };
 
 /// @brief Tuning of a SqliteStore. Plain values with defaults.
-struct SqliteStoreOptions {
+struct SqliteOptions {
   /// How long a write waits for another connection's (process's) lock before failing with
   /// idem::SqliteUnavailable. 0: fail at once. Negative: idem::ConfigError.
   std::chrono::milliseconds busy_timeout{5000};
@@ -101,7 +101,15 @@ struct SqliteStoreOptions {
   /// Records a purge step examines beyond twice the records inserted (keeps the sweep moving
   /// when few records are new).
   std::size_t purge_extra = 8;
+  /// Open the file for reading only (operators' inspect and stats): no write lock is ever
+  /// taken, so it never waits behind a consumer's transaction; the file must exist and hold
+  /// idem's tables (else idem::ConfigError), and every write fails with
+  /// idem::SqliteUnavailable (SQLITE_READONLY).
+  bool read_only = false;
 };
+
+/// @brief The old name of SqliteOptions.
+using SqliteStoreOptions [[deprecated("use idem::SqliteOptions")]] = SqliteOptions;
 
 /// @brief A BLOB parameter (SqliteStatement binds std::string_view as TEXT).
 struct SqliteBlob {
@@ -258,7 +266,7 @@ class SqliteStore final : public InboxStore<SqliteTx> {
   /// @throws idem::ConfigError for bad options.
   /// @throws idem::SqliteUnavailable when the file cannot be opened or written (missing
   /// directory, read-only file, not a database, locked past busy_timeout).
-  explicit SqliteStore(std::string path, SqliteStoreOptions options = {});
+  explicit SqliteStore(std::string path, SqliteOptions options = {});
   ~SqliteStore() override;
   SqliteStore(SqliteStore&&) = delete;
 
@@ -272,10 +280,6 @@ class SqliteStore final : public InboxStore<SqliteTx> {
   /// reading business tables, ...). Commits when work returns, rolls back if it throws.
   void transaction(detail::FunctionRef<void(SqliteTx&)> work);
 
-  /// @brief Deletes up to max_records expired records (done past retention, released, or
-  /// lease expired), in transactions of at most 1000; returns how many were deleted.
-  std::size_t purge_expired(std::size_t max_records = SIZE_MAX);
-
  private:
   Claim do_claim(const ClaimRequest& request) override;
   bool do_complete(const Completion& completion) override;
@@ -285,10 +289,10 @@ class SqliteStore final : public InboxStore<SqliteTx> {
   std::vector<bool> do_complete_batch(std::span<const Completion> completions) override;
   std::optional<RecordInfo> do_inspect(std::string_view key) override;
   /// Counts with one scan of the table: keep operators' polling intervals long.
-  StoreStats do_stats_summary() override;
-  std::size_t do_purge_expired(std::size_t max_records) override {
-    return purge_expired(max_records);
-  }
+  StoreStats do_stats() override;
+  /// Deletes up to max_records expired records (done past retention, released, or lease
+  /// expired), in transactions of at most 1000.
+  std::size_t do_purge_expired(std::size_t max_records) override;
   std::unique_ptr<InboxTransaction> begin_inbox(InboxMode mode) override;
   std::vector<PartitionOffset> do_committed_offsets() override;
   SqliteTx& tx_of(InboxTransaction& transaction) override;

@@ -25,6 +25,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -225,14 +226,14 @@ TYPED_TEST_P(StoreConformance, TokensKeepRisingAcrossPurgesAndLateCompletions) {
   Claim stalled = this->store().claim(this->request("k"));  // worker A, then it stalls
   ASSERT_EQ(stalled.status, ClaimStatus::acquired);
   this->advance(this->kLease + 500ms);
-  this->store().purge_expired_records(SIZE_MAX);
+  this->store().purge_expired(SIZE_MAX);
   Claim second = this->store().claim(this->request("k"));  // worker B
   ASSERT_EQ(second.status, ClaimStatus::acquired);
   EXPECT_GT(second.token, stalled.token);
   ASSERT_TRUE(
       this->store().complete({.key = "k", .token = second.token, .retention = kShortRetention}));
   this->advance(kShortRetention + 500ms);
-  this->store().purge_expired_records(SIZE_MAX);
+  this->store().purge_expired(SIZE_MAX);
   // A's late completion: a store may record it or refuse it; either way...
   (void)this->store().complete({.key = "k", .token = stalled.token, .retention = kShortRetention});
   this->advance(kShortRetention + 500ms);
@@ -408,8 +409,7 @@ TYPED_TEST_P(StoreConformance, EightThreadsRunEachKeysHandlerExactlyOnce) {
   std::vector<std::string> keys;
   keys.reserve(kKeys);
   for (std::size_t i = 0; i < kKeys; ++i) keys.push_back("race-" + std::to_string(i));
-  std::unique_ptr<std::atomic<int>[]> runs(new std::atomic<int>[kKeys]);
-  for (std::size_t i = 0; i < kKeys; ++i) runs[i] = 0;
+  auto runs = std::make_unique<std::atomic<int>[]>(kKeys);
   IdempotentConsumer consumer(
       this->store(),
       [&](const Message& m) { runs[std::stoul(std::string(m.key.substr(5)))].fetch_add(1); },
@@ -445,6 +445,92 @@ TYPED_TEST_P(StoreConformance, EightThreadsRunEachKeysHandlerExactlyOnce) {
   EXPECT_GT(acked.load(), kKeys);
 }
 
+// --- Operator hooks (idemctl inspect / stats / forget / purge-expired) -------------------------
+
+TYPED_TEST_P(StoreConformance, OperatorInspectShowsEachState) {
+  DedupStore& store = this->store();
+  EXPECT_FALSE(store.inspect("op-absent").has_value());
+  const Claim held = store.claim(this->request("op-held"));
+  ASSERT_EQ(held.status, ClaimStatus::acquired);
+  std::optional<RecordInfo> info = store.inspect("op-held");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, RecordInfo::State::in_progress);
+  EXPECT_EQ(info->token, held.token);
+  EXPECT_GT(info->expires_in_ms, 0);
+  EXPECT_LE(info->expires_in_ms, this->kLease.count());
+  ASSERT_TRUE(store.complete({.key = "op-held",
+                              .token = held.token,
+                              .response = "receipt",
+                              .retention = this->kRetention}));
+  info = store.inspect("op-held");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, RecordInfo::State::done);
+  EXPECT_EQ(info->response, "receipt");
+  EXPECT_GT(info->expires_in_ms, this->kLease.count());
+  EXPECT_LE(info->expires_in_ms, this->kRetention.count());
+}
+
+// StoreStats means the same for every store: in_progress and done count only live records
+// (a running lease, a retention not over); records counts what the store still holds.
+TYPED_TEST_P(StoreConformance, OperatorStatsCountOnlyLiveRecordsAsInProgressOrDone) {
+  DedupStore& store = this->store();
+  constexpr std::chrono::milliseconds kShort{200};
+  ASSERT_EQ(store.claim(this->request("st-held")).status, ClaimStatus::acquired);
+  const Claim done = store.claim(this->request("st-done"));
+  ASSERT_TRUE(
+      store.complete({.key = "st-done", .token = done.token, .retention = this->kRetention}));
+  ClaimRequest short_lease = this->request("st-lease-ran-out");
+  short_lease.lease = kShort;
+  ASSERT_EQ(store.claim(short_lease).status, ClaimStatus::acquired);
+  const Claim old = store.claim(this->request("st-retention-ran-out"));
+  ASSERT_TRUE(
+      store.complete({.key = "st-retention-ran-out", .token = old.token, .retention = kShort}));
+  const Claim released = store.claim(this->request("st-released"));
+  ASSERT_TRUE(store.release("st-released", released.token));
+  this->advance(2 * kShort + 100ms);
+  const StoreStats stats = store.stats();
+  EXPECT_EQ(stats.in_progress, 1u);
+  EXPECT_EQ(stats.done, 1u);
+  EXPECT_GE(stats.records, 2u);
+  EXPECT_LE(stats.records, 5u);
+  EXPECT_EQ(stats.foreign, 0u);
+}
+
+TYPED_TEST_P(StoreConformance, OperatorForgetSaysWhetherARecordExisted) {
+  DedupStore& store = this->store();
+  EXPECT_FALSE(store.forget("fg-absent"));
+  const Claim c = store.claim(this->request("fg-done"));
+  ASSERT_TRUE(store.complete({.key = "fg-done", .token = c.token, .retention = this->kRetention}));
+  EXPECT_TRUE(store.forget("fg-done"));
+  // Gone, or kept as a released tombstone (a store may keep one so tokens keep rising).
+  const std::optional<RecordInfo> info = store.inspect("fg-done");
+  EXPECT_TRUE(!info || info->state == RecordInfo::State::released);
+  EXPECT_FALSE(store.forget("fg-done"));
+  EXPECT_EQ(store.claim(this->request("fg-done")).status, ClaimStatus::acquired);
+}
+
+// After purge_expired() only live records are left (a store whose records expire by
+// themselves, like Redis, has nothing to purge and returns 0).
+TYPED_TEST_P(StoreConformance, OperatorPurgeLeavesOnlyLiveRecords) {
+  DedupStore& store = this->store();
+  constexpr std::chrono::milliseconds kShort{200};
+  const Claim keep = store.claim(this->request("pg-keep"));
+  ASSERT_TRUE(
+      store.complete({.key = "pg-keep", .token = keep.token, .retention = this->kRetention}));
+  for (const char* key : {"pg-old-1", "pg-old-2"}) {
+    const Claim c = store.claim(this->request(key));
+    ASSERT_TRUE(store.complete({.key = key, .token = c.token, .retention = kShort}));
+  }
+  this->advance(2 * kShort + 100ms);
+  EXPECT_LE(store.purge_expired(), 2u);
+  EXPECT_EQ(store.purge_expired(), 0u) << "nothing expired is left to purge";
+  const StoreStats stats = store.stats();
+  EXPECT_EQ(stats.records, 1u);
+  EXPECT_EQ(stats.done, 1u);
+  EXPECT_TRUE(store.inspect("pg-keep").has_value());
+  EXPECT_FALSE(store.inspect("pg-old-1").has_value());
+}
+
 REGISTER_TYPED_TEST_SUITE_P(
     StoreConformance, FirstClaimAcquiresThenDoneAfterComplete, ResponseIsStoredAndReplayed,
     DifferentPayloadIsAConflict, ReleaseLetsTheNextClaimInWithALargerToken,
@@ -455,6 +541,8 @@ REGISTER_TYPED_TEST_SUITE_P(
     ConsumerReportsInProgressWhileAnotherHolds, HandlerFailureReleasesSoARedeliverySucceeds,
     RethrowOptionLetsTheHandlerErrorOutAfterReleasing, BeforeProcessingIsAtMostOnce,
     HandlerSeesTheFencingToken, BatchWithRepeatedKeysProcessesEachKeyOnce,
-    ConsumerRejectsBadInputWithoutRunningTheHandler, EightThreadsRunEachKeysHandlerExactlyOnce);
+    ConsumerRejectsBadInputWithoutRunningTheHandler, EightThreadsRunEachKeysHandlerExactlyOnce,
+    OperatorInspectShowsEachState, OperatorStatsCountOnlyLiveRecordsAsInProgressOrDone,
+    OperatorForgetSaysWhetherARecordExisted, OperatorPurgeLeavesOnlyLiveRecords);
 
 }  // namespace idem::testing

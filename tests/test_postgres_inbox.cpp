@@ -1,0 +1,346 @@
+// idem::PostgresStore's transactional inbox against a real PostgreSQL server: handler writes and
+// the record commit together, transaction control through the tx is refused, pipelined
+// statements, a key held by an open transaction, offsets.
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <libpq-fe.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "idem/postgres.hpp"
+#include "support/free_port.hpp"
+#include "support/gate.hpp"
+#include "support/postgres_server.hpp"
+#include "support/postgres_test_store.hpp"
+#include "support/sanitized.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using idem::ClaimRequest;
+using idem::ClaimStatus;
+using idem::IdempotentConsumer;
+using idem::Message;
+using idem::Outcome;
+using idem::PostgresBytes;
+using idem::PostgresOptions;
+using idem::PostgresRows;
+using idem::PostgresStore;
+using idem::PostgresTx;
+using idem::Result;
+using idem::test_support::Gate;
+using idem::test_support::PostgresServer;
+using idem::testing::kSanitized;
+using namespace idem::test_support::postgres;
+
+// --- Transactional inbox ---------------------------------------------------------------------
+
+class PostgresInbox : public ::testing::Test {
+ protected:
+  PostgresInbox() : schema_(fresh_schema()), store_(options()) {
+    store_.transaction([&](PostgresTx& tx) {
+      tx.exec("CREATE TABLE " + cards_ + "(msg text NOT NULL, key bytea NOT NULL)");
+    });
+  }
+  PostgresOptions options() { return options_for(schema_); }
+  std::int64_t cards() { return raw().scalar("SELECT count(*) FROM " + cards_); }
+  std::int64_t records() { return raw().scalar("SELECT count(*) FROM " + schema_ + ".idem_keys"); }
+  RawDb& raw() {
+    if (!raw_) raw_ = std::make_unique<RawDb>(server().conninfo());
+    return *raw_;
+  }
+
+  std::string schema_;
+  std::string cards_ = schema_ + ".cards";
+  PostgresStore store_;
+  std::unique_ptr<RawDb> raw_;
+};
+
+auto card_writer(int& runs, const std::string& table) {
+  return [&runs, table](const Message& m, PostgresTx& tx) {
+    ++runs;
+    tx.exec("INSERT INTO " + table + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+  };
+}
+
+TEST_F(PostgresInbox, HandlerWritesAndTheRecordCommitTogether) {
+  int runs = 0;
+  IdempotentConsumer consumer(store_, card_writer(runs, cards_));
+  EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "card"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "card"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(consumer.consume({.key = "pay-1", .payload = "other"}).outcome, Outcome::conflict);
+  EXPECT_EQ(runs, 1);
+  EXPECT_EQ(cards(), 1);
+}
+
+TEST_F(PostgresInbox, TransactionControlThroughTheTxIsAConfigErrorAndNothingCommits) {
+  const std::vector<std::string> refused{"COMMIT",
+                                         "  /* a /* nested */ comment */ commit",
+                                         "-- note\n END",
+                                         "ROLLBACK",
+                                         "rollback work",
+                                         "ABORT",
+                                         "BEGIN",
+                                         "START TRANSACTION",
+                                         "RELEASE SAVEPOINT idem_message",
+                                         "PREPARE TRANSACTION 'x'",
+                                         "COMMIT PREPARED 'x'",
+                                         "ROLLBACK PREPARED 'x'"};
+  for (const std::string& sql : refused) {
+    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+      tx.exec(sql);
+    });
+    try {
+      consumer.consume({.key = "k-" + sql, .payload = "p"});
+      ADD_FAILURE() << "accepted: " << sql;
+    } catch (const idem::ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("would end idem's transaction"), std::string::npos)
+          << e.what();
+    }
+  }
+  IdempotentConsumer querying(store_,
+                              [](const Message&, PostgresTx& tx) { (void)tx.query("COMMIT"); });
+  EXPECT_THROW(querying.consume({.key = "query", .payload = "p"}), idem::ConfigError);
+  EXPECT_EQ(cards(), 0);
+  EXPECT_EQ(records(), 0);
+
+  // Savepoints of the handler's own, and rolling back to them, are fine.
+  IdempotentConsumer own(store_, [&](const Message& m, PostgresTx& tx) {
+    tx.exec("SAVEPOINT mine");
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES('undone', $1)", PostgresBytes{m.key});
+    tx.exec("ROLLBACK TO SAVEPOINT mine");
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES('kept', $1)", PostgresBytes{m.key});
+  });
+  EXPECT_EQ(own.consume({.key = "own", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(cards(), 1);
+  EXPECT_EQ(raw().text("SELECT msg FROM " + cards_), "kept");
+}
+
+TEST_F(PostgresInbox, HandlerEndingTheTransactionThroughNativeHandleIsAConfigError) {
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    PQclear(PQexec(tx.native_handle(), "ROLLBACK"));
+  });
+  EXPECT_THROW(consumer.consume({.key = "native", .payload = "p"}), idem::ConfigError);
+  EXPECT_EQ(records(), 0);
+  EXPECT_EQ(cards(), 0);
+  int runs = 0;
+  IdempotentConsumer fine(store_, card_writer(runs, cards_));
+  EXPECT_EQ(fine.consume({.key = "after", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(cards(), 1);
+}
+
+TEST_F(PostgresInbox, QueryAndNativeHandleRunInTheMessagesTransaction) {
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) -> std::string {
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    const std::int64_t seen =
+        tx.query_int64("SELECT count(*) FROM " + cards_ + " WHERE key = $1", PostgresBytes{m.key})
+            .value_or(-1);
+    PGresult* result = PQexec(tx.native_handle(),
+                              ("INSERT INTO " + cards_ + "(msg, key) VALUES('raw', 'r')").c_str());
+    EXPECT_EQ(PQresultStatus(result), PGRES_COMMAND_OK) << PQresultErrorMessage(result);
+    PQclear(result);
+    if (m.key == "q-2") throw std::runtime_error("after writing through the native handle");
+    return "seen " + std::to_string(seen);
+  });
+  std::vector<Message> batch{{.key = "q-1", .payload = "a"}, {.key = "q-2", .payload = "b"}};
+  std::vector<Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  EXPECT_EQ(results[0].response, "seen 1");
+  // The second message's savepoint opened before its handler ran (the native handle was
+  // taken): its raw insert was rolled back with it.
+  EXPECT_EQ(results[1].outcome, Outcome::failed);
+  EXPECT_EQ(cards(), 2);
+  EXPECT_EQ(records(), 1);
+  EXPECT_EQ(consumer.consume(batch[0]).response, "seen 1");
+}
+
+TEST_F(PostgresInbox, HandlerStatementsRunWithTheSessionsOwnTimeouts) {
+  // The test server sets neither: the handler sees PostgreSQL's defaults, not idem's 10 s
+  // statement_timeout and 200 ms lock_timeout.
+  IdempotentConsumer consumer(store_, [](const Message&, PostgresTx& tx) -> std::string {
+    PostgresRows rows = tx.query(
+        "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+        "current_setting('transaction_isolation')");
+    return std::string(rows.text(0, 0)) + " " + std::string(rows.text(0, 1)) + " " +
+           std::string(rows.text(0, 2));
+  });
+  EXPECT_EQ(consumer.consume({.key = "t", .payload = "p"}).response, "0 0 read committed");
+  std::string seen;
+  store_.transaction([&](PostgresTx& tx) {
+    seen = tx.query("SELECT current_setting('statement_timeout')").text(0, 0);
+  });
+  EXPECT_EQ(seen, "0");
+}
+
+TEST_F(PostgresInbox, SecondWorkerOnAKeyHeldByAnOpenTransactionGetsInProgress) {
+  Gate started, release;
+  std::thread first([&] {
+    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+      started.open();
+      release.wait();
+    });
+    EXPECT_EQ(consumer.consume({.key = "held", .payload = "p"}).outcome, Outcome::processed);
+  });
+  started.wait();
+  int runs = 0;
+  IdempotentConsumer second(store_, card_writer(runs, cards_));
+  // No hang: lock_wait, then in_progress (not acked; the broker redelivers later).
+  EXPECT_EQ(second.consume({.key = "held", .payload = "p"}).outcome, Outcome::in_progress);
+  std::vector<Message> batch{{.key = "free-1", .payload = "p"},
+                             {.key = "held", .payload = "p"},
+                             {.key = "free-2", .payload = "p"}};
+  std::vector<Result> results = second.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  EXPECT_EQ(results[1].outcome, Outcome::in_progress);
+  EXPECT_EQ(results[2].outcome, Outcome::processed);
+  // A claim (DedupStore mode) sees the same.
+  EXPECT_EQ(store_.claim(ClaimRequest{.key = "held"}).status, ClaimStatus::in_progress);
+  EXPECT_EQ(runs, 2);
+  release.open();
+  first.join();
+  EXPECT_EQ(second.consume({.key = "held", .payload = "p"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(runs, 2);
+  EXPECT_EQ(cards(), 3);
+}
+
+TEST_F(PostgresInbox, WithAWaitASecondWorkerGetsTheFirstOnesResponseOnceItCommits) {
+  Gate started, release;
+  std::thread first([&] {
+    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+      started.open();
+      release.wait();
+      return std::string("card-9");
+    });
+    EXPECT_EQ(consumer.consume({.key = "held", .payload = "p"}).outcome, Outcome::processed);
+  });
+  started.wait();
+  int runs = 0;
+  IdempotentConsumer second(
+      store_,
+      [&](const Message& m, PostgresTx& tx) {
+        ++runs;
+        tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+                PostgresBytes{m.key});
+      },
+      idem::Options{.in_progress_wait = 60s});
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(500ms);  // past lock_wait: the second has asked at least twice
+    release.open();
+  });
+  Result r = second.consume({.key = "held", .payload = "p"});
+  EXPECT_EQ(r.outcome, Outcome::duplicate);
+  EXPECT_EQ(r.response, "card-9");
+  releaser.join();
+  first.join();
+  EXPECT_EQ(runs, 0);
+  EXPECT_EQ(cards(), 1);
+}
+
+TEST_F(PostgresInbox, AFailedPipelinedStatementRerunsTheBatchWithEachStatementAwaited) {
+  store_.transaction([&](PostgresTx& tx) {
+    tx.exec("CREATE UNIQUE INDEX ON " + cards_ + "(msg)");
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES('taken', 'x')");
+  });
+  std::map<std::string, int> runs;
+  std::vector<std::string> seen_errors;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    ++runs[std::string(m.key)];
+    try {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+    } catch (const idem::PostgresError& e) {
+      seen_errors.push_back(e.sqlstate());
+      throw;
+    }
+  });
+  std::vector<Message> batch{
+      {.key = "a", .payload = "1"}, {.key = "b", .payload = "taken"}, {.key = "c", .payload = "3"}};
+  std::vector<Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  EXPECT_EQ(results[1].outcome, Outcome::failed);
+  EXPECT_EQ(results[2].outcome, Outcome::processed);
+  // The pipelined run found the unique violation only at its commit: it was rolled back and
+  // the batch ran again statement by statement, where b's handler saw the error itself.
+  EXPECT_EQ(seen_errors, std::vector<std::string>{"23505"});
+  EXPECT_EQ(runs["a"], 2);
+  EXPECT_EQ(runs["b"], 2);
+  EXPECT_EQ(runs["c"], 2);
+  EXPECT_EQ(cards(), 3);  // taken, 1, 3: every effect once
+  EXPECT_EQ(records(), 2);
+  EXPECT_EQ(consumer.consume({.key = "b", .payload = "2"}).outcome, Outcome::processed);
+}
+
+TEST_F(PostgresInbox, HandlerSwallowingItsFailedStatementFailsTheCall) {
+  // Awaited (query) and pipelined (exec, found at the commit, then awaited in the rerun).
+  IdempotentConsumer querying(store_, [&](const Message& m, PostgresTx& tx) {
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    try {
+      (void)tx.query("SELECT 1/0");
+    } catch (const idem::PostgresError& e) {
+      EXPECT_EQ(e.sqlstate(), "22012");
+    }
+  });
+  EXPECT_THROW(querying.consume({.key = "swallow-q", .payload = "p"}), idem::StoreUnavailable);
+  IdempotentConsumer executing(store_, [&](const Message&, PostgresTx& tx) {
+    try {
+      tx.exec("SELECT 1/0");
+    } catch (const idem::PostgresError&) {
+    }
+  });
+  EXPECT_THROW(executing.consume({.key = "swallow-e", .payload = "p"}), idem::StoreUnavailable);
+  EXPECT_EQ(records(), 0);
+  EXPECT_EQ(cards(), 0);
+}
+
+TEST_F(PostgresInbox, OffsetsCommitWithTheBatch) {
+  int runs = 0;
+  IdempotentConsumer consumer(store_, card_writer(runs, cards_));
+  std::vector<Message> batch{{.key = "o-1", .payload = "p"}, {.key = "o-2", .payload = "p"}};
+  const std::vector<idem::PartitionOffset> offsets{
+      {.topic = "orders", .partition = 3, .next_offset = 154},
+      {.topic = "orders", .partition = 4, .next_offset = 9},
+      {.topic = "orders", .partition = 3, .next_offset = 155}};
+  bool saved = false;
+  consumer.consume_batch_with_offsets(batch, offsets, &saved);
+  EXPECT_TRUE(saved);
+  EXPECT_EQ(store_.committed_offset("orders", 3), 155);  // the last one given wins
+  EXPECT_EQ(store_.committed_offset("orders", 4), 9);
+  EXPECT_EQ(store_.committed_offset("orders", 5), std::nullopt);
+  store_.transaction([](PostgresTx& tx) { tx.save_offset("payments", 0, 7); });
+  const std::vector<idem::PartitionOffset> all = store_.committed_offsets();
+  ASSERT_EQ(all.size(), 3u);
+  EXPECT_EQ(all[2], (idem::PartitionOffset{.topic = "payments", .partition = 0, .next_offset = 7}));
+  store_.save_offsets(std::vector<idem::PartitionOffset>{{.topic = "payments", .next_offset = 8}});
+  EXPECT_EQ(store_.committed_offset("payments", 0), 8);
+}
+
+}  // namespace
