@@ -16,31 +16,15 @@
 #include "idem/outbox/sqlite_outbox.hpp"
 #include "idem/prometheus_metrics.hpp"
 #include "idem/sqlite.hpp"
+#include "support/recording_sink.hpp"
 #include "support/temp_dir.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
 
-// Keeps every row it was handed, in order; confirms the first confirm_limit of a batch, or
-// throws while down is set.
-class RecordingSink final : public idem::OutboxSink {
- public:
-  std::size_t publish(std::span<idem::OutboxRow> rows) override {
-    if (down) throw idem::Error("broker down (test)");
-    for (const idem::OutboxRow& row : rows) published.push_back(row);
-    return std::min(rows.size(), confirm_limit);
-  }
-  std::vector<idem::OutboxRow> published;
-  std::size_t confirm_limit = static_cast<std::size_t>(-1);
-  bool down = false;
-};
-
-class RecordingLogger final : public idem::Logger {
- public:
-  void log(idem::LogLevel, std::string_view line) noexcept override { lines.emplace_back(line); }
-  std::vector<std::string> lines;
-};
+using idem::test_support::RecordingLogger;
+using idem::test_support::RecordingSink;
 
 struct Db {
   explicit Db(const std::string& path) {
