@@ -12,6 +12,8 @@
 //
 // Each service is restartable at any point: it picks up where the committed state says.
 
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
 #include <fcntl.h>
 #include <sqlite3.h>
 #include <unistd.h>
@@ -19,8 +21,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -63,12 +65,29 @@ inline Broker parse_broker(const std::string& text) {
   return broker;
 }
 
-/// The RabbitMQ queue of the notifications and its dead-letter queue (idempotent; both the
-/// relay and the card service call it, so whichever starts first creates them: a message
-/// published to a queue that does not exist yet would be dropped).
+/// The RabbitMQ side of the notifications: a durable direct exchange kDestination bound (with
+/// routing key kDestination) to the queue kDestination and its dead-letter queue. Idempotent;
+/// both the relay and the card service call it, so whichever starts first creates them (a
+/// message published where nothing is bound would be dropped).
 inline idem::rabbitmq::DeadLetterTopology declare_queue(const Broker& broker) {
-  return idem::rabbitmq::declare_queue_with_dead_letters(
+  auto topology = idem::rabbitmq::declare_queue_with_dead_letters(
       {.host = broker.host, .port = broker.rabbitmq_port}, kDestination);
+  amqp_connection_state_t conn = amqp_new_connection();
+  amqp_socket_t* socket = amqp_tcp_socket_new(conn);
+  bool ok = socket != nullptr &&
+            amqp_socket_open(socket, broker.host.c_str(), broker.rabbitmq_port) == AMQP_STATUS_OK;
+  ok = ok &&
+       amqp_login(conn, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest", "guest").reply_type ==
+           AMQP_RESPONSE_NORMAL;
+  ok = ok && amqp_channel_open(conn, 1) != nullptr;
+  const amqp_bytes_t name = amqp_cstring_bytes(kDestination);
+  ok = ok && amqp_exchange_declare(conn, 1, name, amqp_cstring_bytes("direct"), 0, 1, 0, 0,
+                                   amqp_empty_table) != nullptr;
+  ok = ok && amqp_queue_bind(conn, 1, name, name, name, amqp_empty_table) != nullptr;
+  amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+  amqp_destroy_connection(conn);
+  if (!ok) throw std::runtime_error("cannot declare the exchange " + std::string(kDestination));
+  return topology;
 }
 
 inline std::string payment_id(int i) {
