@@ -32,8 +32,9 @@ inline int run_child_role() {
   const std::string db = env("IDEM_OUTBOX_DB");
   const std::int64_t expect = std::stoll(env("IDEM_OUTBOX_EXPECT"));
   if (role == "payment") {
-    return card_purchase::run_payment_service(db, static_cast<int>(expect), STDOUT_FILENO,
-                                              std::chrono::microseconds{300});
+    return card_purchase::run_payment_service(
+        db, static_cast<int>(expect), STDOUT_FILENO,
+        std::chrono::microseconds{std::stoll(env("IDEM_OUTBOX_PAUSE_US"))});
   }
   const card_purchase::Broker broker = card_purchase::parse_broker(env("IDEM_OUTBOX_BROKER"));
   if (role == "relay") {
@@ -73,6 +74,15 @@ struct Child {
     return ::poll(&ready, 1, static_cast<int>(timeout.count())) == 1 && ::read(out, &byte, 1) == 1;
   }
   void kill() const { ::kill(pid, SIGKILL); }
+  /// True (and *code set) once the child has ended; never blocks.
+  bool ended(int* code) {
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) != pid) return false;
+    if (out >= 0) ::close(out);
+    out = -1;
+    *code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return true;
+  }
   /// Exit code, or 128 + the signal that ended it.
   int wait() {
     int status = 0;
