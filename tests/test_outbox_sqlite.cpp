@@ -299,6 +299,26 @@ TEST_F(SqliteOutboxTest, BrokerDownIsLoggedCountedAndRetriedWithTheSameIds) {
   EXPECT_NE(text.find("idem_outbox_pending 0"), std::string::npos) << text;
 }
 
+TEST_F(SqliteOutboxTest, DatabaseFailureIsLoggedCountedAndRetried) {
+  Db db(path);
+  idem::SqliteOutbox outbox(path);
+  charge(db, outbox, "p-1");
+  RecordingSink sink;
+  idem::PrometheusMetrics metrics;
+  RecordingLogger logger;
+  idem::SqliteOutboxSource blocked(path, {.busy_timeout = 0ms});
+  db.exec("BEGIN EXCLUSIVE");  // another connection holds the write lock: the lease cannot be taken
+  idem::OutboxRelay stuck(blocked, sink, {.holder = "s", .metrics = &metrics, .logger = &logger});
+  const idem::OutboxRelayStep step = stuck.run_once();
+  EXPECT_TRUE(step.failed);
+  EXPECT_EQ(metrics.value(idem::Counter::store_errors), 1u);
+  ASSERT_FALSE(logger.lines.empty());
+  EXPECT_NE(logger.lines.back().find("lease"), std::string::npos) << logger.lines.back();
+  db.exec("COMMIT");
+  EXPECT_EQ(stuck.run_once().published, 1u);  // the next round goes through
+  EXPECT_EQ(sink.published.size(), 1u);
+}
+
 TEST_F(SqliteOutboxTest, BacklogGaugesShowPendingRowsAndTheOldestAge) {
   Db db(path);
   idem::SqliteOutbox outbox(path);
