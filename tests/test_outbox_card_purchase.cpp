@@ -37,7 +37,7 @@ void card_purchase_under_kills(const std::string& broker, int kills_wanted) {
                                {"IDEM_OUTBOX_BROKER", broker},
                                {"IDEM_OUTBOX_EXPECT", std::to_string(kPayments)},
                                {"IDEM_OUTBOX_HOLDER", "relay"},
-                               {"IDEM_OUTBOX_BATCH", "16"},
+                               {"IDEM_OUTBOX_BATCH", "64"},
                                {"IDEM_OUTBOX_PAUSE_US", "3000"},  // ~2 s of payments
                                {"IDEM_OUTBOX_DELIVERIES", deliveries},
                                {"IDEM_OUTBOX_GROUP", "cards-" + std::to_string(generation)}});

@@ -43,6 +43,12 @@ std::map<std::string, std::string> write_rows(const std::string& db_path, int n)
   return ids;
 }
 
+// Kafka's mock cluster answers a batch in ~90 ms whatever its size, RabbitMQ in a few ms:
+// batches sized so that 20 kills land while rows are still pending, in seconds.
+std::string batch_for(const std::string& broker) {
+  return broker.rfind("kafka=", 0) == 0 ? "64" : "16";
+}
+
 outbox_test::Child spawn_relay(const std::string& db, const std::string& broker, int expect,
                                const std::string& holder) {
   return outbox_test::spawn({{"IDEM_OUTBOX_ROLE", "relay"},
@@ -50,7 +56,7 @@ outbox_test::Child spawn_relay(const std::string& db, const std::string& broker,
                              {"IDEM_OUTBOX_BROKER", broker},
                              {"IDEM_OUTBOX_EXPECT", std::to_string(expect)},
                              {"IDEM_OUTBOX_HOLDER", holder},
-                             {"IDEM_OUTBOX_BATCH", "16"}});
+                             {"IDEM_OUTBOX_BATCH", batch_for(broker)}});
 }
 
 // Every row reached the broker, each copy with the row's inner id, one effect per inner id.
@@ -81,7 +87,8 @@ void sigkilled_relays(const std::string& broker, const std::string& group) {
   const auto rows = write_rows(db, kRows);
   std::mt19937 random(20261205);
   int kills = 0;
-  for (int n = 0; n < kKills; ++n) {
+  // A relay that finished before its kill does not count; the last rows are left to the end.
+  for (int n = 0; n < 2 * kKills && kills < kKills; ++n) {
     outbox_test::Child relay = spawn_relay(db, broker, kRows, "relay");
     ASSERT_GT(relay.pid, 0);
     if (relay.wait_working(30s)) {
@@ -92,7 +99,7 @@ void sigkilled_relays(const std::string& broker, const std::string& group) {
   }
   outbox_test::Child last = spawn_relay(db, broker, kRows, "relay");
   EXPECT_EQ(last.wait(), 0);  // the last one publishes the rest
-  EXPECT_GE(kills, kKills - 2);
+  EXPECT_GE(kills, kKills);
 
   const outbox_test::ReadBack got = outbox_test::read_back(broker, kRows, group);
   expect_each_row_once(rows, got);
