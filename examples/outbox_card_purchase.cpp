@@ -94,11 +94,12 @@ int main(int argc, char** argv) {
       return card_purchase::run_payment_service(args[1], std::stoi(args[2]));
     }
     if (!args.empty() && args[0] == "relay" && args.size() == 4) {
-      return card_purchase::run_relay(args[1], card_purchase::parse_broker(args[2]), std::stoll(args[3]));
+      return card_purchase::run_relay(args[1], card_purchase::parse_broker(args[2]),
+                                      std::stoll(args[3]));
     }
     if (!args.empty() && args[0] == "card" && args.size() == 5) {
-      return card_purchase::run_card_service(args[1], card_purchase::parse_broker(args[2]), std::stoll(args[3]),
-                                             args[4], "card-service");
+      return card_purchase::run_card_service(args[1], card_purchase::parse_broker(args[2]),
+                                             std::stoll(args[3]), args[4], "card-service");
     }
     if (!args.empty() && args[0] == "--rabbitmq" && args.size() >= 2) {
       return demo("rabbitmq=" + args[1], args.size() > 2 ? std::stoi(args[2]) : 200);

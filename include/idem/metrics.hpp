@@ -11,16 +11,16 @@ namespace idem {
 
 /// @brief What the consumer counts.
 enum class Counter {
-  processed,        ///< Outcome::processed
-  duplicate,        ///< Outcome::duplicate
-  in_progress,      ///< Outcome::in_progress
-  conflict,         ///< Outcome::conflict
-  failed,           ///< Outcome::failed (handler threw)
-  store_errors,     ///< the store threw StoreUnavailable
-  lease_takeovers,  ///< a claim taken over from a holder whose lease expired
-  lease_lost,       ///< complete() refused: our lease expired and another worker took over
-  cache_hits,       ///< a CachedStore answered a claim without calling its store
-  cache_misses,     ///< a CachedStore passed a claim on to its store
+  processed,              ///< Outcome::processed
+  duplicate,              ///< Outcome::duplicate
+  in_progress,            ///< Outcome::in_progress
+  conflict,               ///< Outcome::conflict
+  failed,                 ///< Outcome::failed (handler threw)
+  store_errors,           ///< the store threw StoreUnavailable
+  lease_takeovers,        ///< a claim taken over from a holder whose lease expired
+  lease_lost,             ///< complete() refused: our lease expired and another worker took over
+  cache_hits,             ///< a CachedStore answered a claim without calling its store
+  cache_misses,           ///< a CachedStore passed a claim on to its store
   outbox_published,       ///< outbox rows the broker confirmed (marked sent)
   outbox_publish_failed,  ///< outbox rows a publish attempt did not get confirmed (retried)
   outbox_purged,          ///< sent outbox rows deleted after their retention

@@ -335,11 +335,11 @@ std::string PrometheusMetrics::render() const {
   append_header(out, "idem_store_up", "gauge",
                 "1 when the store answered the last stats request, 0 when it failed.");
   for (const Row& row : rows) append_sample(out, "idem_store_up", row.labels, row.up ? 1.0 : 0.0);
-  struct Gauge {
+  struct StoreGauge {
     std::string_view name, type, help;
     std::uint64_t StoreStats::*field;
   };
-  static constexpr std::array<Gauge, 5> kGauges = {{
+  static constexpr std::array<StoreGauge, 5> kGauges = {{
       {"idem_store_records", "gauge", "Records the store holds (any state).", &StoreStats::records},
       {"idem_store_in_progress", "gauge",
        "Records held by a claim (live, or lease expired and not yet purged).",
@@ -352,7 +352,7 @@ std::string PrometheusMetrics::render() const {
        "Done records dropped before their retention to respect the store's bounds.",
        &StoreStats::evictions},
   }};
-  for (const Gauge& gauge : kGauges) {
+  for (const StoreGauge& gauge : kGauges) {
     append_header(out, gauge.name, gauge.type, gauge.help);
     for (const Row& row : rows) {
       if (row.up) append_sample(out, gauge.name, row.labels, row.stats.*gauge.field);

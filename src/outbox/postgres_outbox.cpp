@@ -156,7 +156,7 @@ InnerMsgId PostgresOutbox::add(PGconn* conn, const OutboxMessage& message) {
                                    static_cast<int>(headers.size())};
   const std::array<int, 6> formats{0, 0, 0, 1, 1, 1};
   PgResult r(PQexecParams(conn, insert_sql_.c_str(), 6, nullptr, values.data(), lengths.data(),
-                        formats.data(), 0));
+                          formats.data(), 0));
   if (PQresultStatus(r.get()) != PGRES_COMMAND_OK) {
     throw PostgresError(std::string("PostgresOutbox::add: ") + PQresultErrorMessage(r.get()),
                         sqlstate(r.get()));
@@ -177,10 +177,10 @@ struct PostgresOutboxSource::Impl {
   }
   // Runs sql with text parameters; binary results when binary is set.
   PgResult run(const std::string& sql, std::initializer_list<const char*> params, const char* what,
-             bool binary = false) {
+               bool binary = false) {
     PGconn* c = get();
-    PgResult r(PQexecParams(c, sql.c_str(), static_cast<int>(params.size()), nullptr, params.begin(),
-                          nullptr, nullptr, binary ? 1 : 0));
+    PgResult r(PQexecParams(c, sql.c_str(), static_cast<int>(params.size()), nullptr,
+                            params.begin(), nullptr, nullptr, binary ? 1 : 0));
     const auto st = PQresultStatus(r.get());
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) unavailable(c, r.get(), what);
     return r;
