@@ -29,3 +29,4 @@ run bench_postgres_store --benchmark_filter=BM_Pair
 echo "## redis vs redis-benchmark"
 bash "$root/bench/redis_vs_redis_benchmark.sh" "$build"
 run bench_adapters
+run bench_outbox

@@ -11,29 +11,41 @@ namespace idem {
 
 /// @brief What the consumer counts.
 enum class Counter {
-  processed,        ///< Outcome::processed
-  duplicate,        ///< Outcome::duplicate
-  in_progress,      ///< Outcome::in_progress
-  conflict,         ///< Outcome::conflict
-  failed,           ///< Outcome::failed (handler threw)
-  store_errors,     ///< the store threw StoreUnavailable
-  lease_takeovers,  ///< a claim taken over from a holder whose lease expired
-  lease_lost,       ///< complete() refused: our lease expired and another worker took over
-  cache_hits,       ///< a CachedStore answered a claim without calling its store
-  cache_misses,     ///< a CachedStore passed a claim on to its store
+  processed,              ///< Outcome::processed
+  duplicate,              ///< Outcome::duplicate
+  in_progress,            ///< Outcome::in_progress
+  conflict,               ///< Outcome::conflict
+  failed,                 ///< Outcome::failed (handler threw)
+  store_errors,           ///< the store threw StoreUnavailable
+  lease_takeovers,        ///< a claim taken over from a holder whose lease expired
+  lease_lost,             ///< complete() refused: our lease expired and another worker took over
+  cache_hits,             ///< a CachedStore answered a claim without calling its store
+  cache_misses,           ///< a CachedStore passed a claim on to its store
+  outbox_published,       ///< outbox rows the broker confirmed (marked sent)
+  outbox_publish_failed,  ///< outbox rows a publish attempt did not get confirmed (retried)
+  outbox_purged,          ///< sent outbox rows deleted after their retention
 };
-inline constexpr int kCounterCount = 10;
+inline constexpr int kCounterCount = 13;
 
 /// @brief What the consumer times.
 enum class Timing {
   store_claim,     ///< one claim (or a batch's claim round)
   store_complete,  ///< one complete (or a batch's completion round)
   handler,         ///< one handler call
+  outbox_publish,  ///< one relay batch: first publish to the last confirm
 };
-inline constexpr int kTimingCount = 3;
+inline constexpr int kTimingCount = 4;
+
+/// @brief Levels the outbox relay reports (set, not added).
+enum class Gauge {
+  outbox_pending,                ///< outbox rows not yet confirmed by the broker
+  outbox_oldest_pending_seconds  ///< age of the oldest of them; 0 when none
+};
+inline constexpr int kGaugeCount = 2;
 
 std::string_view to_string(Counter counter) noexcept;
 std::string_view to_string(Timing timing) noexcept;
+std::string_view to_string(Gauge gauge) noexcept;
 
 /// @brief Receives counters and latencies. Implementations must be thread-safe and cheap:
 /// they are called on the message path.
@@ -42,6 +54,8 @@ class Metrics {
   virtual ~Metrics() = default;
   virtual void add(Counter counter, std::uint64_t n = 1) noexcept = 0;
   virtual void observe(Timing timing, std::chrono::nanoseconds elapsed) noexcept = 0;
+  /// @brief Sets a level (the outbox relay's backlog). Default: ignored.
+  virtual void set(Gauge /*gauge*/, double /*value*/) noexcept {}
 };
 
 /// @brief Severity of a log line.

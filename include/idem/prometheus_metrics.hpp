@@ -57,7 +57,10 @@ struct HistogramSnapshot {
 /// instance and a const label to tell them apart. Metric names:
 /// - idem_messages_total{outcome} — processed, duplicate, in_progress, conflict, failed
 /// - idem_store_errors_total, idem_lease_takeovers_total, idem_lease_lost_total
-/// - idem_duration_seconds{op} — histogram, op = store_claim | store_complete | handler
+/// - idem_duration_seconds{op} — histogram, op = store_claim | store_complete | handler |
+///   outbox_publish
+/// - idem_outbox_published_total, idem_outbox_publish_failed_total, idem_outbox_purged_total,
+///   idem_outbox_pending, idem_outbox_oldest_pending_seconds (the outbox relay)
 /// - idem_store_up, idem_store_records, idem_store_in_progress, idem_store_done,
 ///   idem_store_bytes, idem_store_evictions_total — labelled {store="<name>"}
 class PrometheusMetrics final : public Metrics {
@@ -75,6 +78,10 @@ class PrometheusMetrics final : public Metrics {
   void add(Counter counter, std::uint64_t n = 1) noexcept override;
   /// @brief Records one latency in the timing's histogram. Lock-free.
   void observe(Timing timing, std::chrono::nanoseconds elapsed) noexcept override;
+  /// @brief Sets a gauge (the outbox relay's backlog). Lock-free.
+  void set(Gauge gauge, double value) noexcept override;
+  /// @brief The current value of a gauge.
+  double value(Gauge gauge) const noexcept;
 
   /// @brief The current value of a counter.
   std::uint64_t value(Counter counter) const noexcept;
@@ -136,6 +143,7 @@ class PrometheusMetrics final : public Metrics {
   std::unique_ptr<Line[]> lines_;
   mutable std::mutex stores_mutex_;  // guards stores_ only; never taken on the message path
   std::vector<Store> stores_;
+  std::atomic<double> gauges_[kGaugeCount] = {};
 };
 
 }  // namespace idem

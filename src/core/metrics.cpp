@@ -24,6 +24,12 @@ std::string_view to_string(Counter counter) noexcept {
       return "cache_hits";
     case Counter::cache_misses:
       return "cache_misses";
+    case Counter::outbox_published:
+      return "outbox_published";
+    case Counter::outbox_publish_failed:
+      return "outbox_publish_failed";
+    case Counter::outbox_purged:
+      return "outbox_purged";
   }
   return "unknown";
 }
@@ -36,6 +42,18 @@ std::string_view to_string(Timing timing) noexcept {
       return "store_complete";
     case Timing::handler:
       return "handler";
+    case Timing::outbox_publish:
+      return "outbox_publish";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(Gauge gauge) noexcept {
+  switch (gauge) {
+    case Gauge::outbox_pending:
+      return "outbox_pending";
+    case Gauge::outbox_oldest_pending_seconds:
+      return "outbox_oldest_pending_seconds";
   }
   return "unknown";
 }

@@ -153,6 +153,16 @@ void PrometheusMetrics::observe(Timing timing, std::chrono::nanoseconds elapsed)
       .fetch_add(static_cast<std::uint64_t>(elapsed.count()), std::memory_order_relaxed);
 }
 
+void PrometheusMetrics::set(Gauge gauge, double value) noexcept {
+  const auto index = static_cast<std::size_t>(gauge);
+  if (index < kGaugeCount) gauges_[index].store(value, std::memory_order_relaxed);
+}
+
+double PrometheusMetrics::value(Gauge gauge) const noexcept {
+  const auto index = static_cast<std::size_t>(gauge);
+  return index < kGaugeCount ? gauges_[index].load(std::memory_order_relaxed) : 0.0;
+}
+
 std::uint64_t PrometheusMetrics::value(Counter counter) const noexcept {
   const auto index = static_cast<std::size_t>(counter);
   if (index >= kCounterCount) return 0;
@@ -262,8 +272,27 @@ std::string PrometheusMetrics::render() const {
   append_sample(out, "idem_cache_lookups_total", labels("result", "miss"),
                 value(Counter::cache_misses));
 
+  append_header(out, "idem_outbox_published_total", "counter",
+                "Outbox rows the relay published and the broker confirmed.");
+  append_sample(out, "idem_outbox_published_total", plain, value(Counter::outbox_published));
+  append_header(out, "idem_outbox_publish_failed_total", "counter",
+                "Outbox rows a publish attempt left unconfirmed (published again later).");
+  append_sample(out, "idem_outbox_publish_failed_total", plain,
+                value(Counter::outbox_publish_failed));
+  append_header(out, "idem_outbox_purged_total", "counter",
+                "Sent outbox rows deleted after their retention.");
+  append_sample(out, "idem_outbox_purged_total", plain, value(Counter::outbox_purged));
+  append_header(out, "idem_outbox_pending", "gauge",
+                "Outbox rows not yet confirmed by the broker (last relay reading).");
+  append_sample(out, "idem_outbox_pending", plain, value(Gauge::outbox_pending));
+  append_header(out, "idem_outbox_oldest_pending_seconds", "gauge",
+                "Age of the oldest outbox row not yet confirmed (last relay reading).");
+  append_sample(out, "idem_outbox_oldest_pending_seconds", plain,
+                value(Gauge::outbox_oldest_pending_seconds));
+
   append_header(out, "idem_duration_seconds", "histogram",
-                "Latency of store claims, store completions and handler calls.");
+                "Latency of store claims, store completions, handler calls and outbox "
+                "relay batches.");
   for (int t = 0; t < kTimingCount; ++t) {
     const auto timing = static_cast<Timing>(t);
     const HistogramSnapshot h = histogram(timing);
@@ -306,11 +335,11 @@ std::string PrometheusMetrics::render() const {
   append_header(out, "idem_store_up", "gauge",
                 "1 when the store answered the last stats request, 0 when it failed.");
   for (const Row& row : rows) append_sample(out, "idem_store_up", row.labels, row.up ? 1.0 : 0.0);
-  struct Gauge {
+  struct StoreGauge {
     std::string_view name, type, help;
     std::uint64_t StoreStats::*field;
   };
-  static constexpr std::array<Gauge, 5> kGauges = {{
+  static constexpr std::array<StoreGauge, 5> kGauges = {{
       {"idem_store_records", "gauge", "Records the store holds (any state).", &StoreStats::records},
       {"idem_store_in_progress", "gauge",
        "Records held by a claim (live, or lease expired and not yet purged).",
@@ -323,7 +352,7 @@ std::string PrometheusMetrics::render() const {
        "Done records dropped before their retention to respect the store's bounds.",
        &StoreStats::evictions},
   }};
-  for (const Gauge& gauge : kGauges) {
+  for (const StoreGauge& gauge : kGauges) {
     append_header(out, gauge.name, gauge.type, gauge.help);
     for (const Row& row : rows) {
       if (row.up) append_sample(out, gauge.name, row.labels, row.stats.*gauge.field);
