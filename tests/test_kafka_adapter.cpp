@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "idem/kafka.hpp"
+#include "idem/prometheus_metrics.hpp"
 #include "idem/sqlite.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tsan_c11_threads.hpp"
@@ -505,6 +507,10 @@ TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
   options.key_source = idem::kafka::KeySource::header;  // the empty biz-id is invalid
   options.max_attempts = 3;
   options.dead_letter_topic = "jobs.dlq";
+  idem::PrometheusMetrics metrics;
+  options.metrics = &metrics;
+  std::vector<std::string> lines;  // what on_error saw
+  options.on_error = [&](std::string_view e) { lines.emplace_back(e); };
   idem::kafka::Consumer consumer(cluster.consumer_config("jobs-group"), idem_consumer, options);
   // Three attempts with backoff plus two dead-letter deliveries: allow for a loaded machine.
   ASSERT_TRUE(poll_until([&] { return effects.total() == 2 && consumer.stats().acked == 4; },
@@ -512,6 +518,23 @@ TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
   consumer.commit();
   EXPECT_EQ(failing_calls, 3);
   EXPECT_EQ(consumer.stats().dead_lettered, 2u);
+  // Every retry and dead-letter is counted, by reason, and said.
+  using idem::Counter;
+  EXPECT_EQ(metrics.value(Counter::retries), 2u);       // attempts 1 and 2 of always-fails
+  EXPECT_EQ(metrics.value(Counter::redeliveries), 2u);  // each a seek back to it
+  EXPECT_EQ(metrics.value(Counter::dead_letters_invalid), 1u);
+  EXPECT_EQ(metrics.value(Counter::dead_letters_exhausted), 1u);
+  EXPECT_EQ(metrics.value(Counter::dead_letter_failures), 0u);
+  EXPECT_GE(metrics.value(Counter::rebalances), 1u);
+  EXPECT_GE(metrics.value(Counter::commits), 1u);
+  auto said = [&](std::string_view part) {
+    return std::count_if(lines.begin(), lines.end(),
+                         [&](const std::string& l) { return l.find(part) != std::string::npos; });
+  };
+  EXPECT_EQ(said("record jobs/0@2 failed (attempt 1 of 3): handler failed;"), 1);
+  EXPECT_EQ(said("record jobs/0@2 failed (attempt 2 of 3)"), 1);
+  EXPECT_EQ(said("dead-lettered record jobs/0@1 to topic 'jobs.dlq': invalid message"), 1);
+  EXPECT_EQ(said("dead-lettered record jobs/0@2 to topic 'jobs.dlq': attempts exhausted"), 1);
   EXPECT_EQ(effects.order, (std::vector<std::string>{"good-1", "good-2"}));
   // The commit is read back through another client; give the mock coordinator time to apply it.
   std::int64_t committed = committed_offset(cluster, "jobs-group", "jobs", 0);

@@ -21,8 +21,20 @@ enum class Counter {
   lease_lost,       ///< complete() refused: our lease expired and another worker took over
   cache_hits,       ///< a CachedStore answered a claim without calling its store
   cache_misses,     ///< a CachedStore passed a claim on to its store
+  // Broker adapters (kafka::Consumer, rabbitmq::Consumer):
+  retries,       ///< a delivery held back for another attempt (failed, in progress, store down)
+  redeliveries,  ///< a delivery given back to the broker (RabbitMQ nack or republish, Kafka seek)
+  dead_letters_conflict,     ///< dead-lettered: the key came again with a different payload
+  dead_letters_invalid,      ///< dead-lettered: idem::InvalidMessage (empty or oversized key)
+  dead_letters_missing_key,  ///< dead-lettered: no biz-id to deduplicate on
+  dead_letters_exhausted,    ///< dead-lettered: the handler failed max_attempts times
+  dead_letter_failures,  ///< a delivery due for dead-lettering that could not be (kept, retried)
+  rebalances,            ///< Kafka partitions assigned or revoked (one per rebalance callback)
+  commits,               ///< Kafka offset commits that succeeded
+  commit_failures,       ///< Kafka offset commits that failed (the offsets stay pending)
+  reconnects,            ///< RabbitMQ connections reopened after a loss
 };
-inline constexpr int kCounterCount = 10;
+inline constexpr int kCounterCount = 21;
 
 /// @brief What the consumer times.
 enum class Timing {
