@@ -9,6 +9,7 @@
 #include <thread>
 #include <utility>
 
+#include "dead_letter_producer.hpp"
 #include "idem/adapters/loop_core.hpp"
 #include "idem/adapters/verdict.hpp"
 #include "kafka_detail.hpp"
@@ -28,7 +29,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using detail::ErrorPtr;
 using detail::HandlePtr;
-using detail::HeadersPtr;
 using detail::MessagePtr;
 using detail::PartitionKey;
 using detail::PartitionListPtr;
@@ -78,7 +78,10 @@ struct Consumer::Impl {
     check_batch_options();
     detail::set(conf.get(), "enable.auto.commit", "false");
     detail::set(conf.get(), "enable.auto.offset.store", "false");
-    if (!options_.dead_letter_topic.empty()) make_dead_letter_producer(conf.get());
+    if (!options_.dead_letter_topic.empty()) {
+      dlq_ = std::make_unique<detail::DeadLetterProducer>(options_.dead_letter_topic,
+                                                          options_.dead_letter_config, conf.get());
+    }
     rd_kafka_conf_set_opaque(conf.get(), this);
     rd_kafka_conf_set_rebalance_cb(conf.get(), &Impl::rebalance_trampoline);
     rd_kafka_conf_set_error_cb(conf.get(), &Impl::error_trampoline);
@@ -112,19 +115,6 @@ struct Consumer::Impl {
   }
 
   bool batched() const noexcept { return options_.batch_size > 1 || options_.offsets_in_store; }
-
-  void make_dead_letter_producer(const rd_kafka_conf_t* consumer_conf) {
-    Config config = options_.dead_letter_config;
-    if (!config.contains("bootstrap.servers")) {
-      config["bootstrap.servers"] = detail::get(consumer_conf, "bootstrap.servers");
-    }
-    config.try_emplace("enable.idempotence", "true");
-    detail::ConfPtr conf = detail::make_conf(config);
-    rd_kafka_conf_set_dr_msg_cb(conf.get(), [](rd_kafka_t*, const rd_kafka_message_t* m, void*) {
-      *static_cast<rd_kafka_resp_err_t*>(m->_private) = m->err;
-    });
-    dlq_ = detail::make_handle(RD_KAFKA_PRODUCER, conf);
-  }
 
   static void error_trampoline(rd_kafka_t*, int err, const char* reason, void* opaque) {
     static_cast<Impl*>(opaque)->report(std::string("kafka: ") +
@@ -357,39 +347,9 @@ struct Consumer::Impl {
     return tracker_.until_next_retry(Clock::now(), timeout);
   }
 
-  bool dead_letter(const rd_kafka_message_t& m, const Record& record, std::string_view reason,
-                   DeadLetterReason cause) {
-    HeadersPtr headers(rd_kafka_headers_new(record.headers.size() + 4));
-    for (const Header& h : record.headers) {
-      rd_kafka_header_add(headers.get(), h.name.data(), static_cast<ssize_t>(h.name.size()),
-                          h.value.data(), static_cast<ssize_t>(h.value.size()));
-    }
-    const std::string partition = std::to_string(record.partition);
-    const std::string offset = std::to_string(record.offset);
-    auto add = [&](const char* name, std::string_view value) {
-      rd_kafka_header_add(headers.get(), name, -1, value.data(),
-                          static_cast<ssize_t>(value.size()));
-    };
-    add("idem-dlq-reason", reason);
-    add("idem-dlq-topic", record.topic);
-    add("idem-dlq-partition", partition);
-    add("idem-dlq-offset", offset);
-    rd_kafka_resp_err_t delivered = RD_KAFKA_RESP_ERR__IN_PROGRESS;
-    rd_kafka_resp_err_t err = rd_kafka_producev(
-        dlq_.get(), RD_KAFKA_V_TOPIC(options_.dead_letter_topic.c_str()),
-        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_KEY(m.key, m.key_len),
-        RD_KAFKA_V_VALUE(m.payload, m.len), RD_KAFKA_V_HEADERS(headers.get()),
-        RD_KAFKA_V_OPAQUE(&delivered), RD_KAFKA_V_END);
-    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-      dead_letter_failed(record, reason, std::string("produce failed: ") + rd_kafka_err2str(err));
-      return false;
-    }
-    (void)headers.release();  // the message owns them now
-    // Wait for the report: the source offset may only be committed once the copy is durable.
-    while (delivered == RD_KAFKA_RESP_ERR__IN_PROGRESS) rd_kafka_flush(dlq_.get(), 1000);
-    if (delivered != RD_KAFKA_RESP_ERR_NO_ERROR) {
-      dead_letter_failed(record, reason,
-                         std::string("delivery failed: ") + rd_kafka_err2str(delivered));
+  bool dead_letter(const Record& record, std::string_view reason, DeadLetterReason cause) {
+    if (auto failure = dlq_->send(record, reason)) {
+      dead_letter_failed(record, reason, *failure);
       return false;
     }
     ++stats_.dead_lettered;
@@ -534,7 +494,7 @@ struct Consumer::Impl {
                          "; its partition waits and retries");
     }
     if (action == Disposition::dead_letter) {
-      if (dlq_ && dead_letter(m, record, reason, cause)) {
+      if (dlq_ && dead_letter(record, reason, cause)) {
         ++stats_.acked;
         state.settle(m.offset);
         return true;
@@ -678,7 +638,7 @@ struct Consumer::Impl {
     }
     consumer_queue_.reset();  // queue references go before the handle
     rk_.reset();
-    if (dlq_) rd_kafka_flush(dlq_.get(), 5000);
+    if (dlq_) dlq_->flush(std::chrono::seconds{5});
     dlq_.reset();
   }
 
@@ -693,7 +653,7 @@ struct Consumer::Impl {
   ConsumeFunction consume_;
   BatchSteps batch_;
   ConsumerOptions options_;
-  HandlePtr dlq_;  // declared before rk_: destroyed after the consumer
+  std::unique_ptr<detail::DeadLetterProducer> dlq_;  // before rk_: destroyed after the consumer
   HandlePtr rk_;
   QueuePtr consumer_queue_;  // receives asynchronous commit results; released before rk_
   adapters::Reporter reporter_;
