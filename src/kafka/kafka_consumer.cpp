@@ -14,6 +14,7 @@
 #include "idem/adapters/verdict.hpp"
 #include "kafka_detail.hpp"
 #include "offset_tracker.hpp"
+#include "record_view.hpp"
 
 namespace idem::kafka {
 
@@ -401,35 +402,6 @@ struct Consumer::Impl {
     return false;
   }
 
-  static void read_headers(const rd_kafka_message_t& m, std::vector<Header>& out) {
-    out.clear();
-    rd_kafka_headers_t* native = nullptr;
-    if (rd_kafka_message_headers(&m, &native) != RD_KAFKA_RESP_ERR_NO_ERROR) return;
-    const char* name = nullptr;
-    const void* value = nullptr;
-    std::size_t size = 0;
-    for (std::size_t i = 0;
-         rd_kafka_header_get_all(native, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
-         ++i) {
-      out.push_back({name, value ? std::string_view(static_cast<const char*>(value), size)
-                                 : std::string_view{}});
-    }
-  }
-
-  static Record record_of(const PartitionKey& key, const rd_kafka_message_t& m,
-                          std::span<const Header> headers) {
-    return Record{
-        .topic = key.first,
-        .partition = m.partition,
-        .offset = m.offset,
-        .key = m.key ? std::string_view(static_cast<const char*>(m.key), m.key_len)
-                     : std::string_view{},
-        .payload = m.payload ? std::string_view(static_cast<const char*>(m.payload), m.len)
-                             : std::string_view{},
-        .headers = headers,
-    };
-  }
-
   Message message_of(const Record& record) const {
     return Message{
         .key = key_of(record),
@@ -446,8 +418,8 @@ struct Consumer::Impl {
     const PartitionKey& key = *cached_key_;
     if (!state.takes(m.offset)) return;
 
-    read_headers(m, headers_);
-    const Record record = record_of(key, m, headers_);
+    detail::read_headers(m, headers_);
+    const Record record = detail::record_of(key.first, m, headers_);
     ++stats_.records;
     const Verdict verdict = decide([&] {
       Result result = consume_(message_of(record));
@@ -552,8 +524,8 @@ struct Consumer::Impl {
     records.reserve(n);
     messages.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
-      read_headers(*ms[i], batch_headers_[i]);
-      records.push_back(record_of(key, *ms[i], batch_headers_[i]));
+      detail::read_headers(*ms[i], batch_headers_[i]);
+      records.push_back(detail::record_of(key.first, *ms[i], batch_headers_[i]));
       messages.push_back(message_of(records.back()));
     }
     const PartitionOffset next{key.first, key.second, ms.back()->offset + 1};
