@@ -450,6 +450,57 @@ TEST(KafkaAdapter, HandlerFailingTwiceIsRetriedInOrderThenCommitted) {
   EXPECT_EQ(committed_offset(cluster, "flaky-group", "flaky", 0), 3);
 }
 
+// A store outage and a key in progress elsewhere each hold their record back: both counted as
+// retries (a seek back each), the outage said at warning, the in-progress key at debug only.
+TEST(KafkaAdapter, HoldsAndInProgressKeysAreLoggedAndCounted) {
+  MockCluster cluster;
+  cluster.create_topic("holds", 1);
+  produce(cluster, "holds", 3, "h-", 0);
+  struct Logger final : idem::Logger {
+    void log(idem::LogLevel level, std::string_view line) noexcept override {
+      std::lock_guard lock(mutex);
+      lines.emplace_back(level, std::string(line));
+    }
+    int count(idem::LogLevel level, std::string_view part) {
+      std::lock_guard lock(mutex);
+      return static_cast<int>(std::count_if(lines.begin(), lines.end(), [&](const auto& l) {
+        return l.first == level && l.second.find(part) != std::string::npos;
+      }));
+    }
+    std::mutex mutex;
+    std::vector<std::pair<idem::LogLevel, std::string>> lines;
+  } logger;
+  idem::PrometheusMetrics metrics;
+  auto options = options_for("holds");
+  options.logger = &logger;
+  options.metrics = &metrics;
+  std::map<std::string, int> calls;
+  Effects effects;
+  idem::kafka::Consumer consumer(
+      cluster.consumer_config("holds-group"),
+      [&](const idem::Message& m) -> idem::Result {
+        const int n = ++calls[std::string(m.key)];
+        if (m.key == "h-0" && n == 1) throw idem::StoreUnavailable("redis down");
+        if (m.key == "h-1" && n == 1) return {.outcome = idem::Outcome::in_progress};
+        effects.add(m.key);
+        return {.outcome = idem::Outcome::processed};
+      },
+      options);
+  ASSERT_TRUE(poll_until([&] { return effects.total() == 3; }, {&consumer}));
+  consumer.commit();
+  EXPECT_EQ(effects.order, (std::vector<std::string>{"h-0", "h-1", "h-2"}));
+  using idem::Counter;
+  EXPECT_EQ(metrics.value(Counter::retries), 2u);
+  EXPECT_EQ(metrics.value(Counter::redeliveries), 2u);
+  EXPECT_GE(metrics.value(Counter::commits), 1u);
+  EXPECT_EQ(metrics.value(Counter::commit_failures), 0u);
+  EXPECT_GE(metrics.value(Counter::rebalances), 1u);
+  using idem::LogLevel;
+  EXPECT_EQ(logger.count(LogLevel::warning, "record holds/0@0: store unavailable: redis down"), 1);
+  EXPECT_EQ(logger.count(LogLevel::debug, "record holds/0@1: key in progress elsewhere"), 1);
+  EXPECT_GE(logger.count(LogLevel::info, "partitions assigned"), 1);
+}
+
 // Periodic commits are asynchronous: they land through later polls, without commit() or
 // close(), and never pass a record that is held back.
 TEST(KafkaAdapter, PeriodicAsyncCommitsStopBeforeABlockedRecord) {
