@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "idem/kafka.hpp"
+#include "idem/prometheus_metrics.hpp"
 #include "idem/sqlite.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tsan_c11_threads.hpp"
@@ -448,6 +450,57 @@ TEST(KafkaAdapter, HandlerFailingTwiceIsRetriedInOrderThenCommitted) {
   EXPECT_EQ(committed_offset(cluster, "flaky-group", "flaky", 0), 3);
 }
 
+// A store outage and a key in progress elsewhere each hold their record back: both counted as
+// retries (a seek back each), the outage said at warning, the in-progress key at debug only.
+TEST(KafkaAdapter, HoldsAndInProgressKeysAreLoggedAndCounted) {
+  MockCluster cluster;
+  cluster.create_topic("holds", 1);
+  produce(cluster, "holds", 3, "h-", 0);
+  struct Logger final : idem::Logger {
+    void log(idem::LogLevel level, std::string_view line) noexcept override {
+      std::lock_guard lock(mutex);
+      lines.emplace_back(level, std::string(line));
+    }
+    int count(idem::LogLevel level, std::string_view part) {
+      std::lock_guard lock(mutex);
+      return static_cast<int>(std::count_if(lines.begin(), lines.end(), [&](const auto& l) {
+        return l.first == level && l.second.find(part) != std::string::npos;
+      }));
+    }
+    std::mutex mutex;
+    std::vector<std::pair<idem::LogLevel, std::string>> lines;
+  } logger;
+  idem::PrometheusMetrics metrics;
+  auto options = options_for("holds");
+  options.logger = &logger;
+  options.metrics = &metrics;
+  std::map<std::string, int> calls;
+  Effects effects;
+  idem::kafka::Consumer consumer(
+      cluster.consumer_config("holds-group"),
+      [&](const idem::Message& m) -> idem::Result {
+        const int n = ++calls[std::string(m.key)];
+        if (m.key == "h-0" && n == 1) throw idem::StoreUnavailable("redis down");
+        if (m.key == "h-1" && n == 1) return {.outcome = idem::Outcome::in_progress};
+        effects.add(m.key);
+        return {.outcome = idem::Outcome::processed};
+      },
+      options);
+  ASSERT_TRUE(poll_until([&] { return effects.total() == 3; }, {&consumer}));
+  consumer.commit();
+  EXPECT_EQ(effects.order, (std::vector<std::string>{"h-0", "h-1", "h-2"}));
+  using idem::Counter;
+  EXPECT_EQ(metrics.value(Counter::retries), 2u);
+  EXPECT_EQ(metrics.value(Counter::redeliveries), 2u);
+  EXPECT_GE(metrics.value(Counter::commits), 1u);
+  EXPECT_EQ(metrics.value(Counter::commit_failures), 0u);
+  EXPECT_GE(metrics.value(Counter::rebalances), 1u);
+  using idem::LogLevel;
+  EXPECT_EQ(logger.count(LogLevel::warning, "record holds/0@0: store unavailable: redis down"), 1);
+  EXPECT_EQ(logger.count(LogLevel::debug, "record holds/0@1: key in progress elsewhere"), 1);
+  EXPECT_GE(logger.count(LogLevel::info, "partitions assigned"), 1);
+}
+
 // Periodic commits are asynchronous: they land through later polls, without commit() or
 // close(), and never pass a record that is held back.
 TEST(KafkaAdapter, PeriodicAsyncCommitsStopBeforeABlockedRecord) {
@@ -505,6 +558,10 @@ TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
   options.key_source = idem::kafka::KeySource::header;  // the empty biz-id is invalid
   options.max_attempts = 3;
   options.dead_letter_topic = "jobs.dlq";
+  idem::PrometheusMetrics metrics;
+  options.metrics = &metrics;
+  std::vector<std::string> lines;  // what on_error saw
+  options.on_error = [&](std::string_view e) { lines.emplace_back(e); };
   idem::kafka::Consumer consumer(cluster.consumer_config("jobs-group"), idem_consumer, options);
   // Three attempts with backoff plus two dead-letter deliveries: allow for a loaded machine.
   ASSERT_TRUE(poll_until([&] { return effects.total() == 2 && consumer.stats().acked == 4; },
@@ -512,6 +569,23 @@ TEST(KafkaAdapter, PoisonMessagesGoToTheDeadLetterTopic) {
   consumer.commit();
   EXPECT_EQ(failing_calls, 3);
   EXPECT_EQ(consumer.stats().dead_lettered, 2u);
+  // Every retry and dead-letter is counted, by reason, and said.
+  using idem::Counter;
+  EXPECT_EQ(metrics.value(Counter::retries), 2u);       // attempts 1 and 2 of always-fails
+  EXPECT_EQ(metrics.value(Counter::redeliveries), 2u);  // each a seek back to it
+  EXPECT_EQ(metrics.value(Counter::dead_letters_invalid), 1u);
+  EXPECT_EQ(metrics.value(Counter::dead_letters_exhausted), 1u);
+  EXPECT_EQ(metrics.value(Counter::dead_letter_failures), 0u);
+  EXPECT_GE(metrics.value(Counter::rebalances), 1u);
+  EXPECT_GE(metrics.value(Counter::commits), 1u);
+  auto said = [&](std::string_view part) {
+    return std::count_if(lines.begin(), lines.end(),
+                         [&](const std::string& l) { return l.find(part) != std::string::npos; });
+  };
+  EXPECT_EQ(said("record jobs/0@2 failed (attempt 1 of 3): handler failed;"), 1);
+  EXPECT_EQ(said("record jobs/0@2 failed (attempt 2 of 3)"), 1);
+  EXPECT_EQ(said("dead-lettered record jobs/0@1 to topic 'jobs.dlq': invalid message"), 1);
+  EXPECT_EQ(said("dead-lettered record jobs/0@2 to topic 'jobs.dlq': attempts exhausted"), 1);
   EXPECT_EQ(effects.order, (std::vector<std::string>{"good-1", "good-2"}));
   // The commit is read back through another client; give the mock coordinator time to apply it.
   std::int64_t committed = committed_offset(cluster, "jobs-group", "jobs", 0);

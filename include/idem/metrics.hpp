@@ -24,8 +24,20 @@ enum class Counter {
   outbox_published,       ///< outbox rows the broker confirmed (marked sent)
   outbox_publish_failed,  ///< outbox rows a publish attempt did not get confirmed (retried)
   outbox_purged,          ///< sent outbox rows deleted after their retention
+  // Broker adapters (kafka::Consumer, rabbitmq::Consumer):
+  retries,       ///< a delivery held back for another attempt (failed, in progress, store down)
+  redeliveries,  ///< a delivery given back to the broker (RabbitMQ nack or republish, Kafka seek)
+  dead_letters_conflict,     ///< dead-lettered: the key came again with a different payload
+  dead_letters_invalid,      ///< dead-lettered: idem::InvalidMessage (empty or oversized key)
+  dead_letters_missing_key,  ///< dead-lettered: no biz-id to deduplicate on
+  dead_letters_exhausted,    ///< dead-lettered: the handler failed max_attempts times
+  dead_letter_failures,  ///< a delivery due for dead-lettering that could not be (kept, retried)
+  rebalances,            ///< Kafka partitions assigned or revoked (one per rebalance callback)
+  commits,               ///< Kafka offset commits that succeeded
+  commit_failures,       ///< Kafka offset commits that failed (the offsets stay pending)
+  reconnects,            ///< RabbitMQ connections reopened after a loss
 };
-inline constexpr int kCounterCount = 13;
+inline constexpr int kCounterCount = 24;
 
 /// @brief What the consumer times.
 enum class Timing {

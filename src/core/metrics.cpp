@@ -30,6 +30,28 @@ std::string_view to_string(Counter counter) noexcept {
       return "outbox_publish_failed";
     case Counter::outbox_purged:
       return "outbox_purged";
+    case Counter::retries:
+      return "retries";
+    case Counter::redeliveries:
+      return "redeliveries";
+    case Counter::dead_letters_conflict:
+      return "dead_letters_conflict";
+    case Counter::dead_letters_invalid:
+      return "dead_letters_invalid";
+    case Counter::dead_letters_missing_key:
+      return "dead_letters_missing_key";
+    case Counter::dead_letters_exhausted:
+      return "dead_letters_exhausted";
+    case Counter::dead_letter_failures:
+      return "dead_letter_failures";
+    case Counter::rebalances:
+      return "rebalances";
+    case Counter::commits:
+      return "commits";
+    case Counter::commit_failures:
+      return "commit_failures";
+    case Counter::reconnects:
+      return "reconnects";
   }
   return "unknown";
 }

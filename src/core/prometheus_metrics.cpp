@@ -6,6 +6,7 @@
 #include <exception>
 #include <string_view>
 #include <system_error>
+#include <utility>
 
 #include "idem/error.hpp"
 #include "idem/stores/memory_store.hpp"
@@ -289,6 +290,37 @@ std::string PrometheusMetrics::render() const {
                 "Age of the oldest outbox row not yet confirmed (last relay reading).");
   append_sample(out, "idem_outbox_oldest_pending_seconds", plain,
                 value(Gauge::outbox_oldest_pending_seconds));
+  // Broker adapters.
+  append_header(out, "idem_adapter_retries_total", "counter",
+                "Deliveries held back for another attempt (failed, in progress, store down).");
+  append_sample(out, "idem_adapter_retries_total", plain, value(Counter::retries));
+  append_header(out, "idem_adapter_redeliveries_total", "counter",
+                "Deliveries given back to the broker (RabbitMQ nack or republish, Kafka seek).");
+  append_sample(out, "idem_adapter_redeliveries_total", plain, value(Counter::redeliveries));
+  append_header(out, "idem_dead_letters_total", "counter", "Deliveries dead-lettered, by reason.");
+  constexpr std::array<std::pair<Counter, std::string_view>, 4> kDeadLetterReasons = {{
+      {Counter::dead_letters_conflict, "conflict"},
+      {Counter::dead_letters_invalid, "invalid"},
+      {Counter::dead_letters_missing_key, "missing_key"},
+      {Counter::dead_letters_exhausted, "attempts_exhausted"},
+  }};
+  for (const auto& [counter, reason] : kDeadLetterReasons) {
+    append_sample(out, "idem_dead_letters_total", labels("reason", reason), value(counter));
+  }
+  append_header(out, "idem_dead_letter_failures_total", "counter",
+                "Deliveries due for dead-lettering that could not be (kept and retried).");
+  append_sample(out, "idem_dead_letter_failures_total", plain,
+                value(Counter::dead_letter_failures));
+  append_header(out, "idem_rebalances_total", "counter",
+                "Kafka rebalance callbacks (partitions assigned or revoked).");
+  append_sample(out, "idem_rebalances_total", plain, value(Counter::rebalances));
+  append_header(out, "idem_commits_total", "counter", "Kafka offset commits, by result.");
+  append_sample(out, "idem_commits_total", labels("result", "ok"), value(Counter::commits));
+  append_sample(out, "idem_commits_total", labels("result", "failed"),
+                value(Counter::commit_failures));
+  append_header(out, "idem_reconnects_total", "counter",
+                "RabbitMQ connections reopened after a loss.");
+  append_sample(out, "idem_reconnects_total", plain, value(Counter::reconnects));
 
   append_header(out, "idem_duration_seconds", "histogram",
                 "Latency of store claims, store completions, handler calls and outbox "

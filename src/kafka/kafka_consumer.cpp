@@ -9,8 +9,12 @@
 #include <thread>
 #include <utility>
 
+#include "dead_letter_producer.hpp"
+#include "idem/adapters/loop_core.hpp"
 #include "idem/adapters/verdict.hpp"
 #include "kafka_detail.hpp"
+#include "offset_tracker.hpp"
+#include "record_view.hpp"
 
 namespace idem::kafka {
 
@@ -26,9 +30,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using detail::ErrorPtr;
 using detail::HandlePtr;
-using detail::HeadersPtr;
 using detail::MessagePtr;
+using detail::PartitionKey;
 using detail::PartitionListPtr;
+using detail::PartitionState;
 using detail::QueuePtr;
 
 // The commit timer is read after every record; CLOCK_MONOTONIC_COARSE costs a few ns where
@@ -43,35 +48,41 @@ std::chrono::nanoseconds coarse_now() noexcept {
 #endif
 }
 
-// What happens to a record's offset after the consume step.
-struct PartitionState {
-  std::int64_t next_offset = -1;  // offset after the last settled record; -1: none yet
-  std::int64_t committed = -1;    // last committed next_offset
-  std::int64_t committing = -1;   // next_offset of an asynchronous commit in flight
-  std::int64_t blocked_at = -1;   // record held back for a retry; -1: none
-  unsigned attempts = 0;          // failed handler runs of blocked_at
-  unsigned retries = 0;           // holds of blocked_at (for the backoff)
-  bool paused = false;
-  Clock::time_point retry_at{};
-};
-
-using PartitionKey = std::pair<std::string, std::int32_t>;
-
 PartitionListPtr one_partition(const PartitionKey& key, std::int64_t offset) {
   PartitionListPtr list(rd_kafka_topic_partition_list_new(1));
   rd_kafka_topic_partition_list_add(list.get(), key.first.c_str(), key.second)->offset = offset;
   return list;
 }
 
+PartitionListPtr to_list(std::span<const PartitionOffset> offsets) {
+  PartitionListPtr list(rd_kafka_topic_partition_list_new(static_cast<int>(offsets.size())));
+  for (const PartitionOffset& p : offsets) {
+    rd_kafka_topic_partition_list_add(list.get(), p.topic.c_str(), p.partition)->offset =
+        p.next_offset;
+  }
+  return list;
+}
+
+std::string where(std::string_view topic, std::int32_t partition, std::int64_t offset) {
+  return "record " + std::string(topic) + "/" + std::to_string(partition) + "@" +
+         std::to_string(offset);
+}
+
 }  // namespace
 
 struct Consumer::Impl {
   Impl(detail::ConfPtr conf, ConsumeFunction consume, BatchSteps batch, ConsumerOptions options)
-      : consume_(std::move(consume)), batch_(std::move(batch)), options_(std::move(options)) {
+      : consume_(std::move(consume)),
+        batch_(std::move(batch)),
+        options_(std::move(options)),
+        reporter_{options_.on_error, options_.logger, options_.metrics} {
     check_batch_options();
     detail::set(conf.get(), "enable.auto.commit", "false");
     detail::set(conf.get(), "enable.auto.offset.store", "false");
-    if (!options_.dead_letter_topic.empty()) make_dead_letter_producer(conf.get());
+    if (!options_.dead_letter_topic.empty()) {
+      dlq_ = std::make_unique<detail::DeadLetterProducer>(options_.dead_letter_topic,
+                                                          options_.dead_letter_config, conf.get());
+    }
     rd_kafka_conf_set_opaque(conf.get(), this);
     rd_kafka_conf_set_rebalance_cb(conf.get(), &Impl::rebalance_trampoline);
     rd_kafka_conf_set_error_cb(conf.get(), &Impl::error_trampoline);
@@ -106,19 +117,6 @@ struct Consumer::Impl {
 
   bool batched() const noexcept { return options_.batch_size > 1 || options_.offsets_in_store; }
 
-  void make_dead_letter_producer(const rd_kafka_conf_t* consumer_conf) {
-    Config config = options_.dead_letter_config;
-    if (!config.contains("bootstrap.servers")) {
-      config["bootstrap.servers"] = detail::get(consumer_conf, "bootstrap.servers");
-    }
-    config.try_emplace("enable.idempotence", "true");
-    detail::ConfPtr conf = detail::make_conf(config);
-    rd_kafka_conf_set_dr_msg_cb(conf.get(), [](rd_kafka_t*, const rd_kafka_message_t* m, void*) {
-      *static_cast<rd_kafka_resp_err_t*>(m->_private) = m->err;
-    });
-    dlq_ = detail::make_handle(RD_KAFKA_PRODUCER, conf);
-  }
-
   static void error_trampoline(rd_kafka_t*, int err, const char* reason, void* opaque) {
     static_cast<Impl*>(opaque)->report(std::string("kafka: ") +
                                        rd_kafka_err2name(static_cast<rd_kafka_resp_err_t>(err)) +
@@ -130,13 +128,7 @@ struct Consumer::Impl {
     static_cast<Impl*>(opaque)->rebalance(rk, err, partitions);
   }
 
-  void report(const std::string& what) const noexcept {
-    if (!options_.on_error) return;
-    try {
-      options_.on_error(what);
-    } catch (...) {  // NOLINT(bugprone-empty-catch): a logger must not break the loop
-    }
-  }
+  void report(const std::string& what) const noexcept { reporter_.note(LogLevel::warning, what); }
 
   static std::vector<PartitionOffset> to_vector(const rd_kafka_topic_partition_list_t* list) {
     std::vector<PartitionOffset> out;
@@ -152,9 +144,12 @@ struct Consumer::Impl {
   void rebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
                  rd_kafka_topic_partition_list_t* partitions) {
     const bool cooperative = std::strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+    reporter_.count(Counter::rebalances);
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+      reporter_.note(LogLevel::info, "kafka rebalance: " + std::to_string(partitions->cnt) +
+                                         " partitions assigned");
       for (int i = 0; i < partitions->cnt; ++i) {
-        partitions_[{partitions->elems[i].topic, partitions->elems[i].partition}] = {};
+        tracker_.assign(partitions->elems[i].topic, partitions->elems[i].partition);
       }
       cached_state_ = nullptr;
       apply_stored_offsets(partitions);
@@ -168,11 +163,15 @@ struct Consumer::Impl {
       return;
     }
     if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
+      reporter_.note(LogLevel::info,
+                     "kafka rebalance: " + std::to_string(partitions->cnt) + " partitions revoked");
       commit_pending(partitions, true);
       if (options_.on_revoke) {
         std::vector<PartitionOffset> revoked = to_vector(partitions);
-        for (PartitionOffset& p : revoked)
-          p.next_offset = partitions_[{p.topic, p.partition}].next_offset;
+        for (PartitionOffset& p : revoked) {
+          const PartitionState* state = tracker_.find({p.topic, p.partition});
+          p.next_offset = state != nullptr ? state->next_offset : -1;
+        }
         try {
           options_.on_revoke(revoked);
         } catch (const std::exception& e) {
@@ -189,7 +188,7 @@ struct Consumer::Impl {
     }
     report(std::string("kafka rebalance error: ") + rd_kafka_err2str(err));
     forget(partitions);
-    if (!cooperative) partitions_.clear();  // assign(nullptr) below drops them all
+    if (!cooperative) tracker_.clear();  // assign(nullptr) below drops them all
     if (cooperative) {
       ErrorPtr error(rd_kafka_incremental_unassign(rk, partitions));
     } else {
@@ -202,13 +201,13 @@ struct Consumer::Impl {
   // never paused is not free (it restarts its fetch), so only ours are touched.
   void forget(const rd_kafka_topic_partition_list_t* partitions) {
     for (int i = 0; i < partitions->cnt; ++i) {
-      auto it = partitions_.find({partitions->elems[i].topic, partitions->elems[i].partition});
-      if (it == partitions_.end()) continue;
+      auto it = tracker_.find_entry({partitions->elems[i].topic, partitions->elems[i].partition});
+      if (it == tracker_.end()) continue;
       if (it->second.paused) {
         PartitionListPtr list = one_partition(it->first, it->second.blocked_at);
         rd_kafka_resume_partitions(rk_.get(), list.get());
       }
-      partitions_.erase(it);
+      tracker_.erase(it);
     }
     cached_state_ = nullptr;
   }
@@ -252,39 +251,49 @@ struct Consumer::Impl {
   // Kafka applies one member's commits in the order they were sent.
   void commit_pending(const rd_kafka_topic_partition_list_t* only, bool sync,
                       bool throw_on_error = false) {
-    PartitionListPtr list(rd_kafka_topic_partition_list_new(0));
-    for (const auto& [key, state] : partitions_) {
-      if (state.next_offset < 0 || state.next_offset == state.committed) continue;
-      if (!sync && state.next_offset == state.committing) continue;  // already on its way
-      if (only != nullptr &&
-          rd_kafka_topic_partition_list_find(only, key.first.c_str(), key.second) == nullptr) {
-        continue;
-      }
-      rd_kafka_topic_partition_list_add(list.get(), key.first.c_str(), key.second)->offset =
-          state.next_offset;
+    std::vector<PartitionOffset> offsets = tracker_.pending(sync);  // sync: in flight again
+    if (only != nullptr) {
+      std::erase_if(offsets, [only](const PartitionOffset& p) {
+        return rd_kafka_topic_partition_list_find(only, p.topic.c_str(), p.partition) == nullptr;
+      });
     }
     last_commit_ = coarse_now();
-    if (list->cnt == 0) return;
+    if (offsets.empty()) return;
+    PartitionListPtr list = to_list(offsets);
     if (!sync) {
       rd_kafka_resp_err_t err = rd_kafka_commit_queue(rk_.get(), list.get(), consumer_queue_.get(),
                                                       &commit_trampoline, this);
       if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
+        commit_failed(err);
         return;
       }
-      mark(list.get(), &PartitionState::committing);
+      tracker_.mark_committing(offsets);
       return;
     }
     rd_kafka_resp_err_t err = rd_kafka_commit(rk_.get(), list.get(), 0);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
       // Offsets stay pending: the next commit retries them; a crash meanwhile only replays
       // records the store already knows as done.
-      if (throw_on_error) detail::check(err, "kafka commit failed");
-      report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
+      if (throw_on_error) {
+        reporter_.count(Counter::commit_failures);
+        detail::check(err, "kafka commit failed");
+      }
+      commit_failed(err);
       return;
     }
+    commit_succeeded();
+    tracker_.mark_committed(offsets);
+  }
+
+  void commit_failed(rd_kafka_resp_err_t err) {
+    reporter_.count(Counter::commit_failures);
+    report(std::string("kafka commit failed (the offsets stay pending for the next one): ") +
+           rd_kafka_err2str(err));
+  }
+
+  void commit_succeeded() {
     ++stats_.commits;
-    mark(list.get(), &PartitionState::committed);
+    reporter_.count(Counter::commits);
   }
 
   static void commit_trampoline(rd_kafka_t*, rd_kafka_resp_err_t err,
@@ -295,34 +304,19 @@ struct Consumer::Impl {
   // The result of an asynchronous commit. Partitions that failed are sent again next time.
   void commit_done(rd_kafka_resp_err_t err, const rd_kafka_topic_partition_list_t* offsets) {
     if (offsets == nullptr) {  // nothing to match the result with: send everything again
-      for (auto& entry : partitions_) entry.second.committing = -1;
-      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
-      }
+      tracker_.forget_in_flight();
+      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) commit_failed(err);
       return;
     }
     bool any = false;
     for (int i = 0; i < offsets->cnt; ++i) {
       const rd_kafka_topic_partition_t& p = offsets->elems[i];
-      auto it = partitions_.find({p.topic, p.partition});
-      if (it == partitions_.end()) continue;
-      PartitionState& state = it->second;
-      if (state.committing == p.offset) state.committing = -1;
-      if (err == RD_KAFKA_RESP_ERR_NO_ERROR && p.err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-        state.committed = std::max(state.committed, p.offset);
-        any = true;
-      }
+      const bool ok = err == RD_KAFKA_RESP_ERR_NO_ERROR && p.err == RD_KAFKA_RESP_ERR_NO_ERROR;
+      any |= tracker_.commit_result({p.topic, p.partition}, p.offset, ok) && ok;
     }
-    if (any) ++stats_.commits;
+    if (any) commit_succeeded();
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
-      report(std::string("kafka commit failed: ") + rd_kafka_err2str(err));
-    }
-  }
-
-  void mark(const rd_kafka_topic_partition_list_t* list, std::int64_t PartitionState::*field) {
-    for (int i = 0; i < list->cnt; ++i) {
-      auto it = partitions_.find({list->elems[i].topic, list->elems[i].partition});
-      if (it != partitions_.end()) it->second.*field = list->elems[i].offset;
+      commit_failed(err);
     }
   }
 
@@ -330,92 +324,51 @@ struct Consumer::Impl {
     return coarse_now() - last_commit_ >= options_.commit_interval;
   }
 
-  std::chrono::milliseconds backoff_for(unsigned retries) const {
-    auto delay = options_.retry_backoff;
-    for (unsigned i = 1; i < retries && delay < options_.max_retry_backoff; ++i) delay *= 2;
-    return std::min(delay, options_.max_retry_backoff);
-  }
-
   // Holds the record back: pause its partition (so nothing after it is handled) and seek back
   // to it (so the prefetched copy and everything after it are read again on resume).
   void block(const PartitionKey& key, PartitionState& state, std::int64_t offset) {
-    if (state.blocked_at != offset) {
-      state.blocked_at = offset;
-      state.attempts = 0;
-      state.retries = 0;
-    }
-    ++state.retries;
+    state.hold(offset, Clock::now(), options_.retry_backoff, options_.max_retry_backoff);
     ++stats_.retries;
-    state.retry_at = Clock::now() + backoff_for(state.retries);
+    reporter_.count(Counter::retries);
+    reporter_.count(Counter::redeliveries);
     PartitionListPtr list = one_partition(key, offset);
     rd_kafka_pause_partitions(rk_.get(), list.get());
-    state.paused = true;
     ErrorPtr error(rd_kafka_seek_partitions(rk_.get(), list.get(), 0));
     if (error) report(std::string("kafka seek: ") + rd_kafka_error_string(error.get()));
   }
 
-  void settle(PartitionState& state, std::int64_t offset) {
-    state.next_offset = offset + 1;
-    state.blocked_at = -1;
-    state.attempts = 0;
-    state.retries = 0;
-  }
-
   void resume_due() {
-    const Clock::time_point now = Clock::now();
-    for (auto& [key, state] : partitions_) {
-      if (!state.paused || now < state.retry_at) continue;
-      PartitionListPtr list = one_partition(key, state.blocked_at);
+    for (const PartitionOffset& p : tracker_.due_resumes(Clock::now())) {
+      PartitionListPtr list = to_list(std::span<const PartitionOffset>(&p, 1));
       rd_kafka_resume_partitions(rk_.get(), list.get());
-      state.paused = false;
     }
   }
 
   std::chrono::milliseconds until_next_retry(std::chrono::milliseconds timeout) const {
-    const Clock::time_point now = Clock::now();
-    for (const auto& [key, state] : partitions_) {
-      if (!state.paused) continue;
-      auto wait = std::chrono::ceil<std::chrono::milliseconds>(state.retry_at - now);
-      timeout = std::clamp(wait, std::chrono::milliseconds{0}, timeout);
-    }
-    return timeout;
+    return tracker_.until_next_retry(Clock::now(), timeout);
   }
 
-  bool dead_letter(const rd_kafka_message_t& m, const Record& record, std::string_view reason) {
-    HeadersPtr headers(rd_kafka_headers_new(record.headers.size() + 4));
-    for (const Header& h : record.headers) {
-      rd_kafka_header_add(headers.get(), h.name.data(), static_cast<ssize_t>(h.name.size()),
-                          h.value.data(), static_cast<ssize_t>(h.value.size()));
-    }
-    const std::string partition = std::to_string(record.partition);
-    const std::string offset = std::to_string(record.offset);
-    auto add = [&](const char* name, std::string_view value) {
-      rd_kafka_header_add(headers.get(), name, -1, value.data(),
-                          static_cast<ssize_t>(value.size()));
-    };
-    add("idem-dlq-reason", reason);
-    add("idem-dlq-topic", record.topic);
-    add("idem-dlq-partition", partition);
-    add("idem-dlq-offset", offset);
-    rd_kafka_resp_err_t delivered = RD_KAFKA_RESP_ERR__IN_PROGRESS;
-    rd_kafka_resp_err_t err = rd_kafka_producev(
-        dlq_.get(), RD_KAFKA_V_TOPIC(options_.dead_letter_topic.c_str()),
-        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_KEY(m.key, m.key_len),
-        RD_KAFKA_V_VALUE(m.payload, m.len), RD_KAFKA_V_HEADERS(headers.get()),
-        RD_KAFKA_V_OPAQUE(&delivered), RD_KAFKA_V_END);
-    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-      report(std::string("dead-letter produce failed: ") + rd_kafka_err2str(err));
-      return false;
-    }
-    (void)headers.release();  // the message owns them now
-    // Wait for the report: the source offset may only be committed once the copy is durable.
-    while (delivered == RD_KAFKA_RESP_ERR__IN_PROGRESS) rd_kafka_flush(dlq_.get(), 1000);
-    if (delivered != RD_KAFKA_RESP_ERR_NO_ERROR) {
-      report(std::string("dead-letter delivery failed: ") + rd_kafka_err2str(delivered));
+  bool dead_letter(const Record& record, std::string_view reason, DeadLetterReason cause) {
+    if (auto failure = dlq_->send(record, reason)) {
+      dead_letter_failed(record, reason, *failure);
       return false;
     }
     ++stats_.dead_lettered;
+    reporter_.count(adapters::counter_of(cause));
+    reporter_.note(LogLevel::error, "kafka consumer: dead-lettered " +
+                                        where(record.topic, record.partition, record.offset) +
+                                        " to topic '" + options_.dead_letter_topic +
+                                        "': " + std::string(reason));
     return true;
+  }
+
+  void dead_letter_failed(const Record& record, std::string_view reason, const std::string& why) {
+    reporter_.count(Counter::dead_letter_failures);
+    reporter_.note(LogLevel::error, "kafka consumer: could not dead-letter " +
+                                        where(record.topic, record.partition, record.offset) +
+                                        " (" + std::string(reason) + ") to topic '" +
+                                        options_.dead_letter_topic + "': " + why +
+                                        "; its partition retries it after a backoff");
   }
 
   std::string_view key_of(const Record& record) const {
@@ -430,8 +383,8 @@ struct Consumer::Impl {
   // revoked in this poll). Records come in runs from one partition: the last one is cached.
   PartitionState* state_of(const rd_kafka_message_t& m) {
     if (cached_state_ == nullptr || m.rkt != cached_rkt_ || m.partition != cached_partition_) {
-      auto found = partitions_.find({rd_kafka_topic_name(m.rkt), m.partition});
-      if (found == partitions_.end()) return nullptr;
+      auto found = tracker_.find_entry({rd_kafka_topic_name(m.rkt), m.partition});
+      if (found == tracker_.end()) return nullptr;
       cached_rkt_ = m.rkt;
       cached_partition_ = m.partition;
       cached_key_ = &found->first;
@@ -449,35 +402,6 @@ struct Consumer::Impl {
     return false;
   }
 
-  static void read_headers(const rd_kafka_message_t& m, std::vector<Header>& out) {
-    out.clear();
-    rd_kafka_headers_t* native = nullptr;
-    if (rd_kafka_message_headers(&m, &native) != RD_KAFKA_RESP_ERR_NO_ERROR) return;
-    const char* name = nullptr;
-    const void* value = nullptr;
-    std::size_t size = 0;
-    for (std::size_t i = 0;
-         rd_kafka_header_get_all(native, i, &name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
-         ++i) {
-      out.push_back({name, value ? std::string_view(static_cast<const char*>(value), size)
-                                 : std::string_view{}});
-    }
-  }
-
-  static Record record_of(const PartitionKey& key, const rd_kafka_message_t& m,
-                          std::span<const Header> headers) {
-    return Record{
-        .topic = key.first,
-        .partition = m.partition,
-        .offset = m.offset,
-        .key = m.key ? std::string_view(static_cast<const char*>(m.key), m.key_len)
-                     : std::string_view{},
-        .payload = m.payload ? std::string_view(static_cast<const char*>(m.payload), m.len)
-                             : std::string_view{},
-        .headers = headers,
-    };
-  }
-
   Message message_of(const Record& record) const {
     return Message{
         .key = key_of(record),
@@ -492,12 +416,10 @@ struct Consumer::Impl {
     if (found == nullptr) return;
     PartitionState& state = *found;
     const PartitionKey& key = *cached_key_;
-    // A copy fetched before a seek-back: either already settled, or behind a held record.
-    if (m.offset < state.next_offset) return;
-    if (state.blocked_at >= 0 && m.offset != state.blocked_at) return;
+    if (!state.takes(m.offset)) return;
 
-    read_headers(m, headers_);
-    const Record record = record_of(key, m, headers_);
+    detail::read_headers(m, headers_);
+    const Record record = detail::record_of(key.first, m, headers_);
     ++stats_.records;
     const Verdict verdict = decide([&] {
       Result result = consume_(message_of(record));
@@ -512,34 +434,49 @@ struct Consumer::Impl {
   bool apply(Verdict verdict, const PartitionKey& key, PartitionState& state,
              const rd_kafka_message_t& m, const Record& record) {
     std::string& reason = verdict.reason;
-    // Kafka cannot hold one record aside: a store outage pauses the partition like a retry.
-    Disposition action =
-        verdict.disposition == Disposition::hold ? Disposition::retry : verdict.disposition;
-    if (action == Disposition::retry_counted) {
-      if (state.blocked_at != m.offset) {
-        state.blocked_at = m.offset;
-        state.attempts = 0;
-        state.retries = 0;
-      }
-      ++state.attempts;
-      const bool exhausted = options_.max_attempts != 0 && state.attempts >= options_.max_attempts;
-      action = exhausted && dlq_ ? Disposition::dead_letter : Disposition::retry;
-    }
-    if (action == Disposition::dead_letter) {
-      if (dlq_ && dead_letter(m, record, reason)) {
-        action = Disposition::settle;
-      } else {
-        if (!dlq_)
-          report("record " + key.first + "/" + std::to_string(m.partition) + "@" +
-                 std::to_string(m.offset) + " blocks its partition (" + reason +
-                 ") and there is no dead_letter_topic");
-        action = Disposition::retry;
-      }
-    }
+    DeadLetterReason cause = verdict.cause;
+    Disposition action = verdict.disposition;
     if (action == Disposition::settle) {
       ++stats_.acked;
-      settle(state, m.offset);
+      state.settle(m.offset);
       return true;
+    }
+    if (action == Disposition::retry_counted) {
+      const unsigned failed = state.count_failure(m.offset);
+      if (adapters::attempts_exhausted(failed, options_.max_attempts) && dlq_) {
+        action = Disposition::dead_letter;
+        cause = DeadLetterReason::attempts_exhausted;
+        reason = "attempts exhausted: " + reason;
+      } else {
+        reporter_.note(LogLevel::warning,
+                       "kafka consumer: " + where(key.first, m.partition, m.offset) +
+                           " failed (attempt " + std::to_string(failed) + " of " +
+                           (options_.max_attempts == 0 ? std::string("unlimited")
+                                                       : std::to_string(options_.max_attempts)) +
+                           "): " + reason + "; its partition retries it after a backoff");
+      }
+    } else if (action == Disposition::retry) {
+      reporter_.note(LogLevel::debug, "kafka consumer: " + where(key.first, m.partition, m.offset) +
+                                          ": " + reason +
+                                          "; its partition retries it after a backoff");
+    } else if (action == Disposition::hold) {
+      // Kafka cannot hold one record aside: a store outage pauses the partition like a retry.
+      reporter_.note(LogLevel::warning,
+                     "kafka consumer: " + where(key.first, m.partition, m.offset) + ": " + reason +
+                         "; its partition waits and retries");
+    }
+    if (action == Disposition::dead_letter) {
+      if (dlq_ && dead_letter(record, reason, cause)) {
+        ++stats_.acked;
+        state.settle(m.offset);
+        return true;
+      }
+      if (!dlq_) {
+        reporter_.count(Counter::dead_letter_failures);
+        reporter_.note(LogLevel::error, where(key.first, m.partition, m.offset) +
+                                            " blocks its partition (" + reason +
+                                            ") and there is no dead_letter_topic");
+      }
     }
     block(key, state, m.offset);
     return false;
@@ -587,8 +524,8 @@ struct Consumer::Impl {
     records.reserve(n);
     messages.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
-      read_headers(*ms[i], batch_headers_[i]);
-      records.push_back(record_of(key, *ms[i], batch_headers_[i]));
+      detail::read_headers(*ms[i], batch_headers_[i]);
+      records.push_back(detail::record_of(key.first, *ms[i], batch_headers_[i]));
       messages.push_back(message_of(records.back()));
     }
     const PartitionOffset next{key.first, key.second, ms.back()->offset + 1};
@@ -673,7 +610,7 @@ struct Consumer::Impl {
     }
     consumer_queue_.reset();  // queue references go before the handle
     rk_.reset();
-    if (dlq_) rd_kafka_flush(dlq_.get(), 5000);
+    if (dlq_) dlq_->flush(std::chrono::seconds{5});
     dlq_.reset();
   }
 
@@ -688,10 +625,11 @@ struct Consumer::Impl {
   ConsumeFunction consume_;
   BatchSteps batch_;
   ConsumerOptions options_;
-  HandlePtr dlq_;  // declared before rk_: destroyed after the consumer
+  std::unique_ptr<detail::DeadLetterProducer> dlq_;  // before rk_: destroyed after the consumer
   HandlePtr rk_;
   QueuePtr consumer_queue_;  // receives asynchronous commit results; released before rk_
-  std::map<PartitionKey, PartitionState> partitions_;
+  adapters::Reporter reporter_;
+  detail::OffsetTracker tracker_;
   std::vector<Header> headers_;                     // reused per record
   std::vector<std::vector<Header>> batch_headers_;  // reused per batch, one per record
   // The last partition handled; reset whenever partitions_ loses entries.
@@ -732,10 +670,10 @@ std::size_t Consumer::poll(std::chrono::milliseconds timeout) {
 }
 
 void Consumer::run(const std::atomic<bool>& stop) {
-  while (!stop.load(std::memory_order_relaxed) && !impl_->stop_.load(std::memory_order_relaxed)) {
-    impl_->poll(impl_->options_.poll_timeout);
-  }
-  impl_->close();
+  Impl& impl = *impl_;
+  adapters::run_loop(
+      stop, impl.stop_, [&impl] { impl.poll(impl.options_.poll_timeout); },
+      [&impl] { impl.close(); });
 }
 
 void Consumer::run() {

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "idem/adapters/loop_core.hpp"
 #include "idem/adapters/verdict.hpp"
 #include "rabbitmq_detail.hpp"
 
@@ -120,23 +121,17 @@ struct Consumer::Impl {
       : connection_options_(std::move(connection)),
         consume_(std::move(consume)),
         options_(std::move(options)),
+        reporter_{options_.on_error, options_.logger, options_.metrics},
         where_(detail::endpoint(connection_options_)) {
     // The copies' connection idles between failures: no heartbeats to miss; a dead broker is
     // caught by publish_timeout instead.
     side_options_ = connection_options_;
-    side_options_.heartbeat_seconds = 0;
+    side_options_.heartbeat = std::chrono::seconds{0};
     connect();  // the first failure is the caller's to see
   }
 
   // Every line goes to the logger; warnings and errors also to on_error.
-  void note(LogLevel level, const std::string& line) const noexcept {
-    if (options_.logger != nullptr) options_.logger->log(level, line);
-    if (level < LogLevel::warning || !options_.on_error) return;
-    try {
-      options_.on_error(line);
-    } catch (...) {  // NOLINT(bugprone-empty-catch): a logger must not break the loop
-    }
-  }
+  void note(LogLevel level, const std::string& line) const noexcept { reporter_.note(level, line); }
 
   void connect() {
     auto conn = std::make_unique<detail::Connection>(connection_options_);
@@ -155,7 +150,10 @@ struct Consumer::Impl {
     amqp_basic_consume(c, detail::channel, bytes(q), amqp_empty_bytes, 0, /*no_ack=*/0, 0,
                        amqp_empty_table);
     conn->check_rpc("consuming from queue '" + q + "'");
-    if (connected_once_) ++stats_.reconnects;
+    if (connected_once_) {
+      ++stats_.reconnects;
+      reporter_.count(Counter::reconnects);
+    }
     connected_once_ = true;
     reconnect_failures_ = 0;
     conn_ = std::move(conn);
@@ -173,12 +171,6 @@ struct Consumer::Impl {
     reconnect_at_ = Clock::now();  // first retry at once, then with backoff
   }
 
-  std::chrono::milliseconds backoff_for(unsigned n) const {
-    auto delay = options_.backoff;
-    for (unsigned i = 1; i < n && delay < options_.max_backoff; ++i) delay *= 2;
-    return std::min(delay, options_.max_backoff);
-  }
-
   bool try_reconnect() {
     if (Clock::now() < reconnect_at_) return false;
     try {
@@ -186,7 +178,8 @@ struct Consumer::Impl {
       return true;
     } catch (const std::exception& e) {
       ++reconnect_failures_;
-      const auto delay = backoff_for(reconnect_failures_);
+      const auto delay = adapters::backoff(options_.reconnect_backoff,
+                                           options_.max_reconnect_backoff, reconnect_failures_);
       reconnect_at_ = Clock::now() + delay;
       note(LogLevel::error, std::string("rabbitmq consumer: reconnect failed: ") + e.what() +
                                 "; next try in " + ms(delay));
@@ -211,6 +204,7 @@ struct Consumer::Impl {
       return false;
     }
     ++stats_.requeued;
+    reporter_.count(Counter::redeliveries);
     return true;
   }
 
@@ -304,11 +298,12 @@ struct Consumer::Impl {
   // Publishes a copy with idem-dlq-* headers to the dead-letter exchange and acks the
   // original once the broker confirmed it; otherwise requeues it and says why.
   void dead_letter(amqp_envelope_t& env, const Parsed& p, const std::string& reason,
-                   unsigned attempts) {
+                   DeadLetterReason cause, unsigned attempts) {
     std::string what = describe(p);
     const std::string& dlx = options_.dead_letter_exchange;
     if (dlx.empty()) {
       ++stats_.dead_letter_failures;
+      reporter_.count(Counter::dead_letter_failures);
       note(LogLevel::error, "rabbitmq consumer: " + what + " must be dead-lettered (" + reason +
                                 ") but dead_letter_exchange is not set: requeued in " +
                                 ms(options_.retry_delay));
@@ -329,6 +324,7 @@ struct Consumer::Impl {
                                              : std::string_view(options_.dead_letter_routing_key);
     if (auto failure = publish_confirmed(dlx, routing_key, props, view(env.message.body))) {
       ++stats_.dead_letter_failures;
+      reporter_.count(Counter::dead_letter_failures);
       note(LogLevel::error, "rabbitmq consumer: could not dead-letter " + what + " (" + reason +
                                 ") to exchange '" + dlx + "': " + *failure + "; requeued in " +
                                 ms(options_.retry_delay));
@@ -336,6 +332,7 @@ struct Consumer::Impl {
       return;
     }
     ++stats_.dead_lettered;
+    reporter_.count(adapters::counter_of(cause));
     note(LogLevel::error,
          "rabbitmq consumer: dead-lettered " + what + " to exchange '" + dlx + "': " + reason);
     if (ack(env.delivery_tag)) forget(p.key);
@@ -360,6 +357,7 @@ struct Consumer::Impl {
     if (ack(d.tag)) {
       ++stats_.requeued;
       ++stats_.republished;
+      reporter_.count(Counter::redeliveries);
     }
   }
 
@@ -453,7 +451,7 @@ struct Consumer::Impl {
     const Parsed p = parse(env);
     if (!p.key_problem.empty()) {  // nothing to deduplicate on: the consume step never sees it
       ++stats_.missing_key;
-      dead_letter(env, p, p.key_problem, 0);
+      dead_letter(env, p, p.key_problem, DeadLetterReason::missing_key, 0);
       return;
     }
     ++stats_.deliveries;
@@ -477,6 +475,7 @@ struct Consumer::Impl {
         if (ack(env.delivery_tag)) forget(p.key);
         return;
       case Disposition::retry: {
+        reporter_.count(Counter::retries);
         std::string what = describe(p);
         note(LogLevel::debug, "rabbitmq consumer: " + what + ": " + reason + "; requeued in " +
                                   ms(options_.retry_delay));
@@ -488,12 +487,14 @@ struct Consumer::Impl {
         return;
       case Disposition::dead_letter:
         ++(outcome == Outcome::conflict ? stats_.conflicts : stats_.invalid);
-        dead_letter(env, p, reason, 0);
+        dead_letter(env, p, reason, verdict.cause, 0);
         return;
       case Disposition::hold: {
         ++stats_.held;
+        reporter_.count(Counter::retries);
         Held held{.envelope = take(env), .retries = held_retries + 1};
-        const auto delay = backoff_for(held.retries);
+        const auto delay =
+            adapters::backoff(options_.retry_backoff, options_.max_retry_backoff, held.retries);
         held.due = Clock::now() + delay;
         note(LogLevel::warning, "rabbitmq consumer: holding " + describe(p) +
                                     " unacked: " + reason + "; retrying in " + ms(delay) +
@@ -513,11 +514,12 @@ struct Consumer::Impl {
       n = counted;
       if (attempts_.size() > 100000) attempts_.clear();  // bound memory; counts restart
     }
-    if (options_.max_attempts != 0 && n >= options_.max_attempts) {
+    if (adapters::attempts_exhausted(n, options_.max_attempts)) {
       ++stats_.attempts_exhausted;
-      dead_letter(env, p, "attempts exhausted: " + reason, n);
+      dead_letter(env, p, "attempts exhausted: " + reason, DeadLetterReason::attempts_exhausted, n);
       return;
     }
+    reporter_.count(Counter::retries);
     const bool republish = options_.retry_mode == RetryMode::republish;
     std::string what = describe(p);
     note(LogLevel::warning,
@@ -631,6 +633,7 @@ struct Consumer::Impl {
   ConnectionOptions side_options_;
   ConsumeFunction consume_;
   ConsumerOptions options_;
+  adapters::Reporter reporter_;
   std::string where_;
   std::unique_ptr<detail::Connection> conn_;
   std::unique_ptr<detail::ConfirmChannel> side_;  // republished and dead-lettered copies
@@ -663,10 +666,9 @@ std::size_t Consumer::poll(std::chrono::milliseconds timeout) {
 }
 
 void Consumer::run(const std::atomic<bool>& stop) {
-  while (!stop.load(std::memory_order_relaxed) && !impl_->stop_.load(std::memory_order_relaxed)) {
-    impl_->poll(impl_->options_.poll_timeout);
-  }
-  close();
+  Impl& impl = *impl_;
+  adapters::run_loop(
+      stop, impl.stop_, [&impl] { impl.poll(impl.options_.poll_timeout); }, [this] { close(); });
 }
 
 void Consumer::run() {

@@ -137,7 +137,8 @@ std::string describe_status(int status, int os_error) {
     case AMQP_STATUS_SOCKET_CLOSED:
       return "the socket is closed";
     case AMQP_STATUS_HEARTBEAT_TIMEOUT:
-      return "no heartbeat from the broker within two heartbeat intervals (heartbeat_seconds)";
+      return "no heartbeat from the broker within two heartbeat intervals "
+             "(ConnectionOptions::heartbeat)";
     case AMQP_STATUS_TIMEOUT:
       return "timed out";
     default:
@@ -285,9 +286,9 @@ Connection::Connection(const ConnectionOptions& options)
   // A dead broker must not hang the handshake or an RPC (ack, declare, close) forever.
   amqp_set_handshake_timeout(get(), &timeout);
   amqp_set_rpc_timeout(get(), &timeout);
-  amqp_rpc_reply_t login =
-      amqp_login(get(), options.vhost.c_str(), 0, 131072, options.heartbeat_seconds,
-                 AMQP_SASL_METHOD_PLAIN, options.user.c_str(), options.password.c_str());
+  amqp_rpc_reply_t login = amqp_login(
+      get(), options.vhost.c_str(), 0, 131072, static_cast<int>(options.heartbeat.count()),
+      AMQP_SASL_METHOD_PLAIN, options.user.c_str(), options.password.c_str());
   if (login.reply_type != AMQP_RESPONSE_NORMAL) {
     const int os_error = errno;
     broken_ = true;

@@ -6,6 +6,7 @@
 #include <thread>
 #include <utility>
 
+#include "idem/adapters/loop_core.hpp"
 #include "rabbitmq_detail.hpp"
 
 namespace idem::rabbitmq {
@@ -64,9 +65,7 @@ struct Publisher::Impl {
   }
 
   std::chrono::milliseconds backoff_for(unsigned n) const {
-    auto delay = options_.backoff;
-    for (unsigned i = 1; i < n && delay < options_.max_backoff; ++i) delay *= 2;
-    return std::min(delay, options_.max_backoff);
+    return adapters::backoff(options_.reconnect_backoff, options_.max_reconnect_backoff, n);
   }
 
   static std::string_view id_of(const Pending& p) { return {p.id_text.data(), p.id_text.size()}; }

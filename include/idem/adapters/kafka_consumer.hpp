@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "idem/adapters/kafka_common.hpp"
+#include "idem/adapters/loop_core.hpp"
 #include "idem/consumer.hpp"
 #include "idem/message.hpp"
 #include "idem/partition_offset.hpp"
@@ -56,9 +57,9 @@ enum class KeySource {
   header,      ///< the header named ConsumerOptions::key_header
 };
 
-/// @brief The consume step: normally IdempotentConsumer::consume. It may throw
-/// idem::InvalidMessage (dead-letter) and idem::StoreUnavailable (retry, no commit).
-using ConsumeFunction = std::function<Result(const Message&)>;
+/// @brief The consume step (idem::ConsumeFunction): normally IdempotentConsumer::consume. It
+/// may throw idem::InvalidMessage (dead-letter) and idem::StoreUnavailable (retry, no commit).
+using ConsumeFunction = idem::ConsumeFunction;
 
 /// @brief The batch steps of a consumer built from an IdempotentConsumer: consume_batch of
 /// one partition's records (with the offset after them, which a transactional store saves in
@@ -129,8 +130,19 @@ struct ConsumerOptions {
   std::function<void(std::span<const PartitionOffset> revoked)> on_revoke{};
   /// Sees every record's Result before its offset is settled (metrics, logs).
   std::function<void(const Record&, const Result&)> on_result{};
-  /// Errors that do not stop the loop: commit failures, broker errors, blocked records.
+  /// Errors that do not stop the loop, one line each: retries of failed records, holds while
+  /// the store is down, dead-letters (with their reason) and failures to dead-letter, commit
+  /// failures, broker errors, blocked records. Retries of keys in progress elsewhere (not a
+  /// failure) and rebalances go to logger only.
   std::function<void(std::string_view)> on_error{};
+  /// The same lines with a level (debug: in progress elsewhere; info: rebalances; warning:
+  /// retries, holds, commit and broker errors; error: dead-letters and failures to
+  /// dead-letter), e.g. an idem::StderrLogger. Must outlive the consumer.
+  Logger* logger = nullptr;
+  /// Counts retries, redeliveries (seeks back to a held record), dead-letters by reason,
+  /// failures to dead-letter, rebalances and commits (idem::Counter), e.g. an
+  /// idem::PrometheusMetrics. Must outlive the consumer.
+  Metrics* metrics = nullptr;
 };
 
 /// @brief Counters of a kafka::Consumer.

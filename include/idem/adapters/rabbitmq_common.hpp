@@ -19,8 +19,8 @@ struct ConnectionOptions {
   std::string password = "guest";
   /// Limit on TCP connect plus AMQP handshake; also the limit on each RPC (declare, ack).
   std::chrono::milliseconds connect_timeout{std::chrono::seconds{5}};
-  /// AMQP heartbeat in seconds; 0 disables. Served while the loop waits for deliveries.
-  int heartbeat_seconds = 30;
+  /// AMQP heartbeat interval; 0 disables. Served while the loop waits for deliveries.
+  std::chrono::seconds heartbeat{30};
 };
 
 /// @brief Header carrying the biz-id (KeySource::header, the default).

@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 
+#include "idem/adapters/loop_core.hpp"
 #include "idem/adapters/rabbitmq_common.hpp"
 #include "idem/consumer.hpp"
 #include "idem/message.hpp"
@@ -68,9 +69,9 @@ enum class RetryMode {
   requeue,
 };
 
-/// @brief The consume step: normally IdempotentConsumer::consume. It may throw
-/// idem::InvalidMessage (dead-letter) and idem::StoreUnavailable (no ack, retry later).
-using ConsumeFunction = std::function<Result(const Message&)>;
+/// @brief The consume step (idem::ConsumeFunction): normally IdempotentConsumer::consume. It
+/// may throw idem::InvalidMessage (dead-letter) and idem::StoreUnavailable (no ack, retry later).
+using ConsumeFunction = idem::ConsumeFunction;
 
 /// @brief Policy of a rabbitmq::Consumer. Designated-initialiser friendly.
 struct ConsumerOptions {
@@ -110,9 +111,13 @@ struct ConsumerOptions {
   /// it the original is requeued instead (basic.nack) and the failure reported.
   std::chrono::milliseconds publish_timeout{std::chrono::seconds{5}};
   /// First delay before retrying a delivery whose store was unavailable (held, not acked);
-  /// doubles up to max_backoff. Also the reconnect backoff.
-  std::chrono::milliseconds backoff{std::chrono::milliseconds{100}};
-  std::chrono::milliseconds max_backoff{std::chrono::seconds{5}};
+  /// doubles per retry up to max_retry_backoff.
+  std::chrono::milliseconds retry_backoff{std::chrono::milliseconds{100}};
+  std::chrono::milliseconds max_retry_backoff{std::chrono::seconds{5}};
+  /// First delay before reconnecting after a failed reconnect; doubles up to
+  /// max_reconnect_backoff. (The first reconnect after a loss is immediate.)
+  std::chrono::milliseconds reconnect_backoff{std::chrono::milliseconds{100}};
+  std::chrono::milliseconds max_reconnect_backoff{std::chrono::seconds{5}};
   /// Longest wait for a delivery in one poll().
   std::chrono::milliseconds poll_timeout{std::chrono::milliseconds{100}};
 
@@ -127,6 +132,10 @@ struct ConsumerOptions {
   /// lost connections; error: dead-letters, failures to dead-letter, failed reconnects),
   /// e.g. an idem::StderrLogger. Must outlive the consumer.
   Logger* logger = nullptr;
+  /// Counts retries, redeliveries (basic.nack and republished copies), dead-letters by
+  /// reason, failures to dead-letter and reconnects (idem::Counter), e.g. an
+  /// idem::PrometheusMetrics. Must outlive the consumer.
+  Metrics* metrics = nullptr;
 };
 
 /// @brief Counters of a rabbitmq::Consumer.

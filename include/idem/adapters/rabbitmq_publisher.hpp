@@ -46,9 +46,9 @@ struct PublisherOptions {
   /// Publish attempts per message before it is given up (publish() throws; send()'s messages
   /// go to take_failed() and flush() throws). 0: forever.
   unsigned max_attempts = 5;
-  /// First reconnect delay; doubles up to max_backoff.
-  std::chrono::milliseconds backoff{std::chrono::milliseconds{100}};
-  std::chrono::milliseconds max_backoff{std::chrono::seconds{5}};
+  /// First reconnect delay; doubles up to max_reconnect_backoff.
+  std::chrono::milliseconds reconnect_backoff{std::chrono::milliseconds{100}};
+  std::chrono::milliseconds max_reconnect_backoff{std::chrono::seconds{5}};
   /// send(): most messages published and not yet confirmed; send() waits for confirms while
   /// this many are outstanding. At least 1.
   std::size_t window = 256;

@@ -21,10 +21,21 @@ enum class Disposition {
   hold,           ///< the store is unavailable: keep the delivery unacked and back off
 };
 
+/// @brief Why a delivery is dead-lettered; each has its own idem::Counter.
+enum class DeadLetterReason {
+  none,                ///< not dead-lettered
+  conflict,            ///< Outcome::conflict
+  invalid,             ///< idem::InvalidMessage
+  missing_key,         ///< no biz-id in the delivery (decided by the adapter)
+  attempts_exhausted,  ///< failed max_attempts times (decided by the adapter)
+};
+
 /// @brief A Disposition and, for anything but settle, why (for logs and dead-letter headers).
 struct Verdict {
   Disposition disposition = Disposition::retry;
   std::string reason{};
+  /// For Disposition::dead_letter: conflict or invalid.
+  DeadLetterReason cause = DeadLetterReason::none;
 };
 
 /// @brief Runs consume (a callable returning idem::Result) and maps its outcome, or the idem
@@ -42,10 +53,12 @@ Verdict decide(Consume&& consume) {
       case Outcome::in_progress:
         return {Disposition::retry, "key in progress elsewhere"};
       case Outcome::conflict:
-        return {Disposition::dead_letter, "payload conflict: key reused with a different payload"};
+        return {Disposition::dead_letter, "payload conflict: key reused with a different payload",
+                DeadLetterReason::conflict};
     }
   } catch (const InvalidMessage& e) {
-    return {Disposition::dead_letter, std::string("invalid message: ") + e.what()};
+    return {Disposition::dead_letter, std::string("invalid message: ") + e.what(),
+            DeadLetterReason::invalid};
   } catch (const StoreUnavailable& e) {
     return {Disposition::hold, std::string("store unavailable: ") + e.what()};
   } catch (const std::exception& e) {  // a handler error rethrown on request
