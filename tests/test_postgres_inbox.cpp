@@ -344,3 +344,114 @@ TEST_F(PostgresInbox, OffsetsCommitWithTheBatch) {
 }
 
 }  // namespace
+
+// --- The optimistic first attempt and the handlers' prepared statements ----------------------
+// (docs/stores/postgres.md, "Batches, savepoints and reruns")
+
+TEST_F(PostgresInbox, AFailingHandlerInABatchRerunsTheOnesBeforeItButNeverItself) {
+  std::map<std::string, int> runs;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    ++runs[std::string(m.key)];
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    if (m.key == "b") throw std::runtime_error("card service down");
+  });
+  std::vector<Message> batch{
+      {.key = "a", .payload = "1"}, {.key = "b", .payload = "2"}, {.key = "c", .payload = "3"}};
+  std::vector<Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::processed);
+  ASSERT_EQ(results[1].outcome, Outcome::failed);
+  EXPECT_THROW(std::rethrow_exception(results[1].error), std::runtime_error);
+  EXPECT_EQ(results[2].outcome, Outcome::processed);
+  // The first attempt ran a and b without savepoints and was rolled back at b's failure; the
+  // rerun, with a savepoint per message, ran a again, settled b with its first error, ran c.
+  EXPECT_EQ(runs["a"], 2);
+  EXPECT_EQ(runs["b"], 1);
+  EXPECT_EQ(runs["c"], 1);
+  EXPECT_EQ(cards(), 2);
+  EXPECT_EQ(records(), 2);
+}
+
+TEST_F(PostgresInbox, ALoneFailingMessageRunsItsHandlerOnceAndLeavesNoRecord) {
+  int runs = 0;
+  bool fail = true;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    ++runs;
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    if (fail) throw std::runtime_error("card service down");
+  });
+  const Result failed = consumer.consume({.key = "lone", .payload = "p"});
+  EXPECT_EQ(failed.outcome, Outcome::failed);
+  EXPECT_EQ(runs, 1);
+  EXPECT_EQ(records(), 0);
+  EXPECT_EQ(cards(), 0);
+  fail = false;
+  const Result retried = consumer.consume({.key = "lone", .payload = "p"});
+  EXPECT_EQ(retried.outcome, Outcome::processed);
+  EXPECT_GT(retried.fencing_token, failed.fencing_token);  // its token never comes back
+  EXPECT_EQ(cards(), 1);
+}
+
+TEST_F(PostgresInbox, AtMostOnceBatchesNeverRunAHandlerTwice) {
+  std::map<std::string, int> runs;
+  IdempotentConsumer consumer(
+      store_,
+      [&](const Message& m, PostgresTx& tx) {
+        ++runs[std::string(m.key)];
+        tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+                PostgresBytes{m.key});
+        if (m.key == "b") throw std::runtime_error("card service down");
+      },
+      idem::Options{.mark = idem::Mark::before_processing});
+  std::vector<Message> batch{
+      {.key = "a", .payload = "1"}, {.key = "b", .payload = "2"}, {.key = "c", .payload = "3"}};
+  std::vector<Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[1].outcome, Outcome::failed);
+  for (const char* key : {"a", "b", "c"}) EXPECT_EQ(runs[key], 1) << key;
+  EXPECT_EQ(cards(), 2);
+  EXPECT_EQ(records(), 3);  // b's record is kept: at most once
+}
+
+TEST_F(PostgresInbox, HandlerStatementsArePreparedOncePerConnectionAndTypeSignature) {
+  std::vector<std::int64_t> prepared;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    const std::string insert = "INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)";
+    tx.exec(insert, m.payload, PostgresBytes{m.key});
+    // The same SQL with a text parameter where the first had bytea: a statement of its own
+    // (the server infers other parameter types), not a type mismatch.
+    tx.exec(insert, m.payload, std::string("text-") + std::string(m.key));
+    PostgresRows rows =
+        tx.query("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'idem\\_user\\_%'");
+    prepared.push_back(rows.int64(0, 0));
+  });
+  for (int round = 0; round < 3; ++round) {
+    std::vector<std::string> keys;
+    for (int i = 0; i < 4; ++i) keys.push_back("prep-" + std::to_string(round * 4 + i));
+    std::vector<Message> batch;
+    for (const std::string& key : keys) batch.push_back({.key = key, .payload = "p"});
+    for (const Result& r : consumer.consume_batch(batch)) EXPECT_EQ(r.outcome, Outcome::processed);
+  }
+  ASSERT_EQ(prepared.size(), 12u);
+  // Two inserts and the query: three statements, prepared with their first use only.
+  EXPECT_EQ(prepared.front(), 3);
+  EXPECT_EQ(prepared.back(), 3);
+  EXPECT_EQ(cards(), 24);
+}
+
+TEST_F(PostgresInbox, APreparedStatementThatWentStaleRerunsTheCallAsText) {
+  int runs = 0;
+  std::vector<std::size_t> widths;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    ++runs;
+    PostgresRows rows = tx.query("SELECT * FROM " + cards_ + " LIMIT 1");
+    widths.push_back(static_cast<std::size_t>(rows.columns()));
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+  });
+  EXPECT_EQ(consumer.consume({.key = "stale-1", .payload = "p"}).outcome, Outcome::processed);
+  raw().exec("ALTER TABLE " + cards_ + " ADD COLUMN extra int");
+  // The cached plan of SELECT * no longer fits (0A000): not the handler's error.
+  EXPECT_EQ(consumer.consume({.key = "stale-2", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "stale-3", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(widths.back(), 3u);
+  EXPECT_EQ(cards(), 3);
+  EXPECT_EQ(records(), 3);
+}

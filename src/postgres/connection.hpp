@@ -170,8 +170,8 @@ class Connection {
   bool queue_failed_ = false;    // non-pipeline: an earlier queued statement failed
   absl::flat_hash_map<std::string, std::string> user_statements_;  // key -> prepared name
   std::size_t user_statements_made_ = 0;
-  std::string user_key_;          // user_statement()'s key, built without an allocation
-  std::string sending_by_name_;   // the name user_statement() returned last
+  std::string user_key_;         // user_statement()'s key, built without an allocation
+  std::string sending_by_name_;  // the name user_statement() returned last
 };
 
 class Pool;

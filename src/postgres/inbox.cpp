@@ -243,8 +243,7 @@ bool PostgresSession::claim_group(std::span<const ClaimRequest* const> group,
   // Inside a savepoint: a claim that gives up on a row lock (lock_timeout) aborts only it.
   use_idem_settings();
   queue_text("SAVEPOINT idem_claim", "opening the claim's savepoint");
-  queue_idem(pg::claim_sql(group), pg::claim_params(group, /*inbox=*/true),
-             "claiming the key");
+  queue_idem(pg::claim_sql(group), pg::claim_params(group, /*inbox=*/true), "claiming the key");
   queue_text("RELEASE SAVEPOINT idem_claim", "closing the claim's savepoint");
   std::vector<Reply> replies = drain();
   const Reply& claimed = replies[replies.size() - 2];
@@ -545,12 +544,20 @@ pg::ResultPtr PostgresSession::user_query(std::string_view sql,
   open_pending_savepoint();
   Params bound;
   for (const PostgresParam& param : params) bound.user(param);
-  conn_.queue(conn_.user_statement(sql, bound), bound, Origin::user, std::string(sql));
+  const Statement statement = conn_.user_statement(sql, bound);
+  conn_.queue(statement, bound, Origin::user, std::string(sql));
   user_queued_ = true;
   std::vector<Reply> replies = drain(/*awaited=*/1);
   for (const Reply& reply : replies) {
     if (reply.ok() || reply.skipped()) continue;
     if (reply.origin == Origin::idem) fail_on(reply);
+    if (statement.prepared != nullptr && conn_.broken()) {
+      // The statement prepared on this connection went stale (a table it reads changed):
+      // not the handler's error; the call runs again with the statement sent as text.
+      throw InboxRetryWithoutDeferral(conn_.target().label + ": the handler's prepared \"" +
+                                      pg::shown(sql) +
+                                      "\" went stale: " + pg::server_message(reply.result.get()));
+    }
     awaited_error_ = true;
     pg::throw_user_error(conn_.target(), sql, conn_.get(), reply.result.get());
   }

@@ -219,11 +219,10 @@ FROM req LEFT JOIN upd ON upd.key = req.key LEFT JOIN ins ON ins.key = req.key)s
 
 const char* Statements::name(Sql which) noexcept {
   static constexpr const char* kNames[kSqlCount] = {
-      "idem_claim",       "idem_claim_one",    "idem_complete",   "idem_release",
-      "idem_forget",      "idem_undo",         "idem_response",   "idem_inspect",
-      "idem_stats",       "idem_save_offsets", "idem_offsets",    "idem_purge_step",
-      "idem_purge_gated", "idem_purge_lock",   "idem_purge_unlock", "idem_held",
-      "idem_wait_lock",   "idem_wait_unlock"};
+      "idem_claim",   "idem_claim_one",  "idem_complete",    "idem_release",    "idem_forget",
+      "idem_undo",    "idem_response",   "idem_inspect",     "idem_stats",      "idem_save_offsets",
+      "idem_offsets", "idem_purge_step", "idem_purge_gated", "idem_purge_lock", "idem_purge_unlock",
+      "idem_held",    "idem_wait_lock",  "idem_wait_unlock"};
   return kNames[static_cast<std::size_t>(which)];
 }
 
