@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "../src/postgres/connection.hpp"  // kMaxUserStatements
 #include "idem/postgres.hpp"
 #include "support/free_port.hpp"
 #include "support/gate.hpp"
@@ -369,6 +370,7 @@ TEST_F(PostgresInbox, AFailingHandlerInABatchRerunsTheOnesBeforeItButNeverItself
   EXPECT_EQ(runs["c"], 1);
   EXPECT_EQ(cards(), 2);
   EXPECT_EQ(records(), 2);
+  EXPECT_EQ(store_.inbox_reruns(), 1u);
 }
 
 TEST_F(PostgresInbox, ALoneFailingMessageRunsItsHandlerOnceAndLeavesNoRecord) {
@@ -382,6 +384,7 @@ TEST_F(PostgresInbox, ALoneFailingMessageRunsItsHandlerOnceAndLeavesNoRecord) {
   const Result failed = consumer.consume({.key = "lone", .payload = "p"});
   EXPECT_EQ(failed.outcome, Outcome::failed);
   EXPECT_EQ(runs, 1);
+  EXPECT_EQ(store_.inbox_reruns(), 0u);
   EXPECT_EQ(records(), 0);
   EXPECT_EQ(cards(), 0);
   fail = false;
@@ -409,6 +412,7 @@ TEST_F(PostgresInbox, AtMostOnceBatchesNeverRunAHandlerTwice) {
   for (const char* key : {"a", "b", "c"}) EXPECT_EQ(runs[key], 1) << key;
   EXPECT_EQ(cards(), 2);
   EXPECT_EQ(records(), 3);  // b's record is kept: at most once
+  EXPECT_EQ(store_.inbox_reruns(), 0u);
 }
 
 TEST_F(PostgresInbox, HandlerStatementsArePreparedOncePerConnectionAndTypeSignature) {
@@ -440,8 +444,10 @@ TEST_F(PostgresInbox, HandlerStatementsArePreparedOncePerConnectionAndTypeSignat
 TEST_F(PostgresInbox, APreparedStatementThatWentStaleRerunsTheCallAsText) {
   int runs = 0;
   std::vector<std::size_t> widths;
+  std::vector<std::int64_t> backends;
   IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
     ++runs;
+    backends.push_back(tx.query("SELECT pg_backend_pid()").int64(0, 0));
     PostgresRows rows = tx.query("SELECT * FROM " + cards_ + " LIMIT 1");
     widths.push_back(static_cast<std::size_t>(rows.columns()));
     tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
@@ -454,4 +460,21 @@ TEST_F(PostgresInbox, APreparedStatementThatWentStaleRerunsTheCallAsText) {
   EXPECT_EQ(widths.back(), 3u);
   EXPECT_EQ(cards(), 3);
   EXPECT_EQ(records(), 3);
+  EXPECT_EQ(store_.inbox_reruns(), 1u);
+  // The connection that held the stale statement was replaced.
+  EXPECT_NE(backends.front(), backends.back());
+}
+
+TEST_F(PostgresInbox, AtMost256HandlerStatementsArePreparedPerConnectionTheRestGoAsText) {
+  const int distinct = static_cast<int>(idem::detail::pg::Connection::kMaxUserStatements) + 20;
+  std::int64_t prepared = -1;
+  IdempotentConsumer consumer(store_, [&](const Message&, PostgresTx& tx) {
+    for (int i = 0; i < distinct; ++i) tx.exec("SELECT " + std::to_string(i));
+    prepared = tx.query(
+                     "SELECT count(*) FROM pg_prepared_statements "
+                     "WHERE name LIKE 'idem\\_user\\_%'")
+                   .int64(0, 0);
+  });
+  EXPECT_EQ(consumer.consume({.key = "many", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(prepared, static_cast<std::int64_t>(idem::detail::pg::Connection::kMaxUserStatements));
 }

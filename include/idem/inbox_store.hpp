@@ -9,6 +9,7 @@
 /// failed. A backend implements one InboxTransaction (begin, claim, savepoint, ..., commit);
 /// see docs/stores/writing-a-store.md.
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -119,6 +120,9 @@ class InboxStoreBase : public DedupStore {
   std::vector<PartitionOffset> committed_offsets();
   /// @brief Stores offsets in a transaction of their own (e.g. after a run of duplicates).
   void save_offsets(std::span<const PartitionOffset> offsets);
+  /// @brief Calls run a second time since this store was made: a deferred statement failed,
+  /// or a message of a batch failed without a savepoint of its own (see InboxMode).
+  std::uint64_t inbox_reruns() const noexcept { return reruns_.load(std::memory_order_relaxed); }
 
  protected:
   /// @brief Begins a transaction for one attempt at a call (see InboxMode).
@@ -132,10 +136,11 @@ class InboxStoreBase : public DedupStore {
 
  private:
   struct KnownFailure;
-  std::vector<Result> run_inbox_once(InboxTransaction& tx, InboxMode mode,
-                                     std::span<const ClaimRequest> requests, InboxHandler handler,
-                                     std::span<const PartitionOffset> offsets, bool& saved,
-                                     const KnownFailure* known);
+  std::vector<Result> run_inbox_once(InboxTransaction& tx, std::span<const ClaimRequest> requests,
+                                     InboxHandler handler, std::span<const PartitionOffset> offsets,
+                                     bool& saved, const KnownFailure* known);
+
+  std::atomic<std::uint64_t> reruns_{0};
 };
 
 /// @brief A transactional store whose handlers receive a Tx& (SqliteTx, PostgresTx).

@@ -68,26 +68,27 @@ std::vector<Result> InboxStoreBase::run_inbox(std::span<const ClaimRequest> requ
     try {
       const InboxMode mode = careful_first ? InboxMode::careful : InboxMode::optimistic;
       std::unique_ptr<InboxTransaction> tx = begin_inbox(mode);
-      results = run_inbox_once(*tx, mode, requests, handler, offsets, saved, nullptr);
+      results = run_inbox_once(*tx, requests, handler, offsets, saved, nullptr);
       if (offsets_saved != nullptr) *offsets_saved = saved;
       return results;
     } catch (const InboxRetryWithoutDeferral&) {
       // A deferred statement failed and took the transaction with it.
+      ++reruns_;
     } catch (KnownFailure& failure) {
+      ++reruns_;
       known = std::move(failure);
     }
     // Run again with each statement's answer awaited and a savepoint per message, so an
     // error reaches the handler that caused it and a failure undoes only its message.
     // The handlers before the failure run again; their first run's writes were rolled back.
     std::unique_ptr<InboxTransaction> tx = begin_inbox(InboxMode::careful);
-    results = run_inbox_once(*tx, InboxMode::careful, requests, handler, offsets, saved,
-                             known ? &*known : nullptr);
+    results = run_inbox_once(*tx, requests, handler, offsets, saved, known ? &*known : nullptr);
     if (offsets_saved != nullptr) *offsets_saved = saved;
     return results;
   });
 }
 
-std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx, InboxMode mode,
+std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
                                                    std::span<const ClaimRequest> requests,
                                                    InboxHandler handler,
                                                    std::span<const PartitionOffset> offsets,
@@ -117,8 +118,8 @@ std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx, InboxMo
       Result failed{.outcome = Outcome::failed,
                     .error = std::current_exception(),
                     .fencing_token = claim.token};
-      if (mode == InboxMode::optimistic && !tx.per_message_savepoints()) {
-        if (requests.size() == 1 && !request.mark_done) {
+      if (!tx.per_message_savepoints()) {  // an optimistic attempt, never at most once
+        if (requests.size() == 1) {
           // Rolling the whole transaction back undoes exactly this message: its writes and
           // its claim (the backend keeps the token from coming back). No rerun: the handler
           // ran once, as it does outside a transaction.

@@ -279,8 +279,8 @@ Statement Connection::user_statement(std::string_view sql, const Params& params)
     queue_.push_back({Origin::user, text, user_key_, false});
     found = user_statements_.emplace(user_key_, std::move(name)).first;
   }
-  sending_by_name_ = found->second;
-  return Statement{sending_by_name_.c_str(), sql, false};
+  // The name stays valid until the next prepare: queue() sends it before that.
+  return Statement{found->second.c_str(), sql, false};
 }
 
 void Connection::queue(const Statement& statement, const Params& params, Origin origin,
