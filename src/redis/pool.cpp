@@ -93,7 +93,8 @@ std::unique_ptr<Connection> Node::connect() {
   authenticate(ctx.get(), endpoint_, options_);
   if (options_.db != 0) {
     SigpipeGuard sigpipe;
-    Command select{"SELECT", std::to_string(options_.db)};
+    Command select{"SELECT"};
+    select.add_owned(std::to_string(options_.db));  // owned: a temporary would dangle
     void* raw = redisCommandArgv(ctx.get(), select.argc(), select.argv(), select.lens());
     if (raw == nullptr) throw_io(ctx.get(), "SELECT");
     ReplyPtr reply(static_cast<redisReply*>(raw));
