@@ -278,10 +278,12 @@ struct Sides {
   int run = next_run();
   std::string idem_schema = "bench_idem_" + std::to_string(run);
   RawPg raw{conninfo(), "bench_raw_" + std::to_string(run), idem_schema};
-  idem::PostgresStore store{{.conninfo = conninfo(), .schema = idem_schema}};
+  idem::PostgresStore store;
   std::string card_sql = "INSERT INTO " + idem_schema + ".cards(payment_id, number) VALUES($1, $2)";
 
-  explicit Sides(std::int64_t prefill) {
+  // speculative: PostgresOptions::speculative_claims (lone messages in one round trip).
+  explicit Sides(std::int64_t prefill, bool speculative = false)
+      : store({.conninfo = conninfo(), .schema = idem_schema, .speculative_claims = speculative}) {
     store.transaction([&](idem::PostgresTx& tx) {
       tx.exec("CREATE TABLE " + idem_schema +
               ".cards(payment_id bytea NOT NULL, number text NOT NULL)");
@@ -391,7 +393,7 @@ void BM_PairBatchCard(benchmark::State& state) {
 
 void BM_PairSingleCard(benchmark::State& state) {
   guarded(state, [&] {
-    Sides sides(state.range(0));
+    Sides sides(state.range(0), state.range(1) != 0);
     idem::IdempotentConsumer consumer(
         sides.store, [&](const idem::Message& m, idem::PostgresTx& tx) {
           tx.exec(sides.card_sql, idem::PostgresBytes{m.key}, kCardNumber);
@@ -432,7 +434,7 @@ void BM_PairBatch(benchmark::State& state) {
 
 void BM_PairSingle(benchmark::State& state) {
   guarded(state, [&] {
-    Sides sides(state.range(0));
+    Sides sides(state.range(0), state.range(1) != 0);
     idem::IdempotentConsumer consumer(sides.store, [](const idem::Message&, idem::PostgresTx&) {});
     std::uint64_t next_raw = 0, next_idem = 0;
     std::vector<std::string> raw_key(1);
@@ -517,9 +519,17 @@ void BM_RawLadderCard(benchmark::State& state) {
 // Wall time: commits wait for the WAL flush and round trips for the server, not for our CPU.
 // Arg: keys already in both dedup tables (0: fresh tables, as a new service starts).
 BENCHMARK(BM_PairBatchCard)->Arg(0)->Arg(100'000)->UseRealTime()->MinTime(3.0);
-BENCHMARK(BM_PairSingleCard)->Arg(0)->Arg(100'000)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_PairSingleCard)
+    ->ArgsProduct({{0, 100'000}, {0, 1}})
+    ->ArgNames({"stored", "speculative"})
+    ->UseRealTime()
+    ->MinTime(3.0);
 BENCHMARK(BM_PairBatch)->Arg(0)->Arg(100'000)->UseRealTime()->MinTime(3.0);
-BENCHMARK(BM_PairSingle)->Arg(0)->Arg(100'000)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_PairSingle)
+    ->ArgsProduct({{0, 100'000}, {0, 1}})
+    ->ArgNames({"stored", "speculative"})
+    ->UseRealTime()
+    ->MinTime(3.0);
 BENCHMARK(BM_PhasesCard)
     ->ArgsProduct({{1, kBatch}, {0, 100'000}})
     ->UseRealTime()

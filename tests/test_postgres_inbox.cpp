@@ -21,6 +21,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -71,6 +72,23 @@ class PostgresInbox : public ::testing::Test {
   RawDb& raw() {
     if (!raw_) raw_ = std::make_unique<RawDb>(server().conninfo());
     return *raw_;
+  }
+
+  // Consumes key through the inbox on another thread: its handler writes a card, opens
+  // started and keeps the transaction open until release opens; then it commits, processed.
+  std::thread hold_open(std::string key, Gate& started, Gate& release,
+                        std::optional<std::string> response = std::nullopt) {
+    return std::thread([this, key, &started, &release, response] {
+      IdempotentConsumer consumer(
+          store_, [&](const Message& m, PostgresTx& tx) -> std::optional<std::string> {
+            tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+                    PostgresBytes{m.key});
+            started.open();
+            release.wait();
+            return response;
+          });
+      EXPECT_EQ(consumer.consume({.key = key, .payload = "p"}).outcome, Outcome::processed);
+    });
   }
 
   std::string schema_;
@@ -200,15 +218,7 @@ TEST_F(PostgresInbox, HandlerStatementsRunWithTheSessionsOwnTimeouts) {
 
 TEST_F(PostgresInbox, SecondWorkerOnAKeyHeldByAnOpenTransactionGetsInProgress) {
   Gate started, release;
-  std::thread first([&] {
-    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
-      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
-              PostgresBytes{m.key});
-      started.open();
-      release.wait();
-    });
-    EXPECT_EQ(consumer.consume({.key = "held", .payload = "p"}).outcome, Outcome::processed);
-  });
+  std::thread first = hold_open("held", started, release);
   started.wait();
   int runs = 0;
   IdempotentConsumer second(store_, card_writer(runs, cards_));
@@ -233,16 +243,7 @@ TEST_F(PostgresInbox, SecondWorkerOnAKeyHeldByAnOpenTransactionGetsInProgress) {
 
 TEST_F(PostgresInbox, WithAWaitASecondWorkerGetsTheFirstOnesResponseOnceItCommits) {
   Gate started, release;
-  std::thread first([&] {
-    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
-      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
-              PostgresBytes{m.key});
-      started.open();
-      release.wait();
-      return std::string("card-9");
-    });
-    EXPECT_EQ(consumer.consume({.key = "held", .payload = "p"}).outcome, Outcome::processed);
-  });
+  std::thread first = hold_open("held", started, release, "card-9");
   started.wait();
   int runs = 0;
   IdempotentConsumer second(
@@ -477,4 +478,140 @@ TEST_F(PostgresInbox, AtMost256HandlerStatementsArePreparedPerConnectionTheRestG
   });
   EXPECT_EQ(consumer.consume({.key = "many", .payload = "p"}).outcome, Outcome::processed);
   EXPECT_EQ(prepared, static_cast<std::int64_t>(idem::detail::pg::Connection::kMaxUserStatements));
+}
+
+// --- Speculative claims (PostgresOptions::speculative_claims) ----------------------------------
+
+class PostgresSpeculativeInbox : public PostgresInbox {
+ protected:
+  PostgresSpeculativeInbox() : speculative_(speculative_options()) {}
+  PostgresOptions speculative_options() {
+    PostgresOptions o = options();
+    o.speculative_claims = true;
+    return o;
+  }
+  PostgresStore speculative_;
+};
+
+TEST_F(PostgresSpeculativeInbox, ANewKeyIsProcessedWithItsTokenAndNoRerun) {
+  int runs = 0;
+  IdempotentConsumer consumer(speculative_, [&](const Message& m, PostgresTx& tx) -> std::string {
+    card_writer(runs, cards_)(m, tx);
+    return "card-" + std::string(m.key);
+  });
+  const Result first = consumer.consume({.key = "s-1", .payload = "p"});
+  const Result second = consumer.consume({.key = "s-2", .payload = "p"});
+  EXPECT_EQ(first.outcome, Outcome::processed);
+  EXPECT_EQ(second.outcome, Outcome::processed);
+  EXPECT_GT(first.fencing_token, 0u);
+  EXPECT_GT(second.fencing_token, first.fencing_token);
+  EXPECT_EQ(speculative_.inbox_reruns(), 0u);
+  std::optional<idem::RecordInfo> info = speculative_.inspect("s-1");
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->state, idem::RecordInfo::State::done);
+  EXPECT_EQ(info->token, first.fencing_token);
+  EXPECT_EQ(consumer.consume({.key = "s-1", .payload = "p"}).response, "card-s-1");
+  EXPECT_EQ(runs, 3);
+  EXPECT_EQ(cards(), 2);
+}
+
+TEST_F(PostgresSpeculativeInbox, ADuplicatesHandlerRunsButNoneOfItsWritesCommit) {
+  int runs = 0;
+  IdempotentConsumer consumer(speculative_, card_writer(runs, cards_));
+  ASSERT_EQ(consumer.consume({.key = "dup", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "dup", .payload = "p"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(consumer.consume({.key = "dup", .payload = "other"}).outcome, Outcome::conflict);
+  // The handler ran for the duplicate and the conflict (that is the speculation), the
+  // rerun claimed them first and did not run it again; their card inserts were rolled back.
+  EXPECT_EQ(runs, 3);
+  EXPECT_EQ(speculative_.inbox_reruns(), 2u);
+  EXPECT_EQ(cards(), 1);
+  EXPECT_EQ(records(), 1);
+}
+
+TEST_F(PostgresSpeculativeInbox, AFailingHandlerOfANewKeyFailsOnceAndOfADuplicateIsADuplicate) {
+  int runs = 0;
+  bool fail = true;
+  IdempotentConsumer consumer(speculative_, [&](const Message& m, PostgresTx& tx) {
+    card_writer(runs, cards_)(m, tx);
+    if (fail) throw std::runtime_error("card service down");
+  });
+  const Result failed = consumer.consume({.key = "f", .payload = "p"});
+  EXPECT_EQ(failed.outcome, Outcome::failed);
+  ASSERT_TRUE(failed.error);
+  EXPECT_THROW(std::rethrow_exception(failed.error), std::runtime_error);
+  EXPECT_EQ(runs, 1);  // the rerun settled it failed with the first error
+  EXPECT_EQ(records(), 0);
+  EXPECT_EQ(cards(), 0);
+  fail = false;
+  const Result processed = consumer.consume({.key = "f", .payload = "p"});
+  EXPECT_EQ(processed.outcome, Outcome::processed);
+  EXPECT_GT(processed.fencing_token, failed.fencing_token);
+  fail = true;
+  // Failing for a key that is already done: the outcome is the key's, not the handler's.
+  EXPECT_EQ(consumer.consume({.key = "f", .payload = "p"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(runs, 3);
+  EXPECT_EQ(cards(), 1);
+}
+
+TEST_F(PostgresSpeculativeInbox, AKeyHeldByAnOpenTransactionIsInProgressAndStaysUnwritten) {
+  Gate started, release;
+  std::thread first = hold_open("held", started, release);
+  started.wait();
+  int runs = 0;
+  IdempotentConsumer second(speculative_, card_writer(runs, cards_));
+  EXPECT_EQ(second.consume({.key = "held", .payload = "p"}).outcome, Outcome::in_progress);
+  release.open();
+  first.join();
+  EXPECT_EQ(second.consume({.key = "held", .payload = "p"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(cards(), 1);
+}
+
+TEST_F(PostgresSpeculativeInbox, AnExpiredRecordIsTakenOverWithALargerToken) {
+  int runs = 0;
+  IdempotentConsumer consumer(speculative_, card_writer(runs, cards_),
+                              idem::Options{.retention = 300ms});
+  const Result first = consumer.consume({.key = "old", .payload = "p"});
+  ASSERT_EQ(first.outcome, Outcome::processed);
+  std::this_thread::sleep_for(500ms);  // the server's clock: retention has passed
+  const Result again = consumer.consume({.key = "old", .payload = "p"});
+  EXPECT_EQ(again.outcome, Outcome::processed);
+  EXPECT_GT(again.fencing_token, first.fencing_token);
+  EXPECT_EQ(cards(), 2);  // retention over: a redelivery is new work
+  EXPECT_EQ(records(), 1);
+}
+
+TEST_F(PostgresSpeculativeInbox, AHandlerThatCatchesTheMissStillCommitsNothing) {
+  int runs = 0;
+  std::vector<std::int64_t> seen;
+  IdempotentConsumer consumer(speculative_, [&](const Message& m, PostgresTx& tx) {
+    card_writer(runs, cards_)(m, tx);
+    try {
+      // Waits for the answers: for a key that is not new this learns the miss.
+      seen.push_back(tx.query_int64("SELECT count(*) FROM " + cards_).value_or(-1));
+    } catch (...) {
+      seen.push_back(-2);
+    }
+    try {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES('extra', 'x')");
+    } catch (...) {
+      seen.push_back(-3);
+    }
+  });
+  EXPECT_EQ(consumer.consume({.key = "q", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "q", .payload = "p"}).outcome, Outcome::duplicate);
+  EXPECT_EQ(seen, (std::vector<std::int64_t>{1, -2, -3}));
+  EXPECT_EQ(cards(), 2);  // the first run's card and its extra row
+}
+
+TEST_F(PostgresSpeculativeInbox, BatchesClaimAsUsual) {
+  int runs = 0;
+  IdempotentConsumer consumer(speculative_, card_writer(runs, cards_));
+  std::vector<Message> batch{{.key = "b-1", .payload = "p"}, {.key = "b-2", .payload = "p"}};
+  ASSERT_EQ(consumer.consume({.key = "b-1", .payload = "p"}).outcome, Outcome::processed);
+  std::vector<Result> results = consumer.consume_batch(batch);
+  EXPECT_EQ(results[0].outcome, Outcome::duplicate);
+  EXPECT_EQ(results[1].outcome, Outcome::processed);
+  EXPECT_EQ(runs, 2);  // a batch never runs a duplicate's handler
+  EXPECT_EQ(speculative_.inbox_reruns(), 0u);
 }

@@ -81,10 +81,14 @@ struct PostgresStoreFactory {
 };
 
 #ifdef IDEM_TEST_HAVE_INBOX_CONFORMANCE
-struct PostgresInboxFactory {
+template <bool Speculative>
+struct PostgresInboxFactoryOf {
   using Store = PostgresStore;
+  static constexpr bool speculative = Speculative;
   std::unique_ptr<Store> make() {
-    auto store = std::make_unique<PostgresStore>(options_for(fresh_schema()));
+    PostgresOptions options = options_for(fresh_schema());
+    options.speculative_claims = Speculative;
+    auto store = std::make_unique<PostgresStore>(options);
     store->transaction([](PostgresTx& tx) {
       tx.exec("CREATE TABLE IF NOT EXISTS public.inbox_effects(key bytea NOT NULL)");
       tx.exec("TRUNCATE public.inbox_effects");
@@ -105,6 +109,9 @@ struct PostgresInboxFactory {
     return n;
   }
 };
+using PostgresInboxFactory = PostgresInboxFactoryOf<false>;
+// The same contract with PostgresOptions::speculative_claims (lone messages in one round trip).
+using PostgresSpeculativeInboxFactory = PostgresInboxFactoryOf<true>;
 #endif
 
 }  // namespace
@@ -113,6 +120,8 @@ namespace idem::testing {
 INSTANTIATE_TYPED_TEST_SUITE_P(Postgres, StoreConformance, PostgresStoreFactory);
 #ifdef IDEM_TEST_HAVE_INBOX_CONFORMANCE
 INSTANTIATE_TYPED_TEST_SUITE_P(Postgres, InboxConformance, PostgresInboxFactory);
+INSTANTIATE_TYPED_TEST_SUITE_P(PostgresSpeculative, InboxConformance,
+                               PostgresSpeculativeInboxFactory);
 #endif
 }  // namespace idem::testing
 

@@ -70,6 +70,16 @@ class InboxTransaction {
   /// false if a rollback of the whole transaction also keeps every token it handed out from
   /// being handed out again (e.g. tokens from a PostgreSQL sequence). The default: true.
   virtual bool per_message_savepoints() const noexcept { return true; }
+  /// @brief False while claim() answers acquired before the database has answered: a
+  /// speculative claim, sent together with the handler's statements and COMMIT (one round
+  /// trip for a lone message) and read at commit(). When the database refuses it (the key
+  /// already has a record, or another transaction holds it) commit() throws
+  /// InboxRetryWithoutDeferral and the call runs again careful; when the handler throws, the
+  /// core rolls back and reruns careful with that failure known (the key may have been a
+  /// duplicate, whose outcome is not failed). The default: true.
+  virtual bool claims_confirmed() const noexcept { return true; }
+  /// @brief After commit() of a speculative claim: the fencing token it was recorded with.
+  virtual std::uint64_t confirmed_token() const noexcept { return 0; }
   /// @brief Rolls the whole transaction back now (after a lone message failed without a
   /// savepoint). Never throws: a backend that cannot roll back drops its connection instead.
   /// The default leaves it to the destructor.

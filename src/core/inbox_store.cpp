@@ -120,6 +120,13 @@ std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
                     .fencing_token = claim.token};
       if (!tx.per_message_savepoints()) {  // an optimistic attempt, never at most once
         if (requests.size() == 1) {
+          if (!tx.claims_confirmed()) {
+            // The claim was never answered: the key may be a duplicate, whose outcome this
+            // failure must not replace. The careful rerun claims it and settles it failed
+            // with this error without running the handler again (or finds it settled).
+            tx.rollback();
+            throw KnownFailure{i, failed.error};
+          }
           // Rolling the whole transaction back undoes exactly this message: its writes and
           // its claim (the backend keeps the token from coming back). No rerun: the handler
           // ran once, as it does outside a transaction.
@@ -150,6 +157,11 @@ std::vector<Result> InboxStoreBase::run_inbox_once(InboxTransaction& tx,
                       [](const Result& r) { return should_ack(r.outcome); });
   if (saved && !offsets.empty()) tx.save_offsets(offsets);
   tx.commit();
+  if (!tx.claims_confirmed()) {
+    for (Result& result : results) {
+      if (result.outcome == Outcome::processed) result.fencing_token = tx.confirmed_token();
+    }
+  }
   return results;
 }
 

@@ -122,6 +122,8 @@ class Connection {
   /// @throws PostgresUnavailable when the connection fails or the deadline passes.
   std::vector<Reply> drain(Deadline deadline);
   bool queued() const noexcept { return !queue_.empty(); }
+  /// Statements queued and not yet drained: the index the next queued one's reply gets.
+  std::size_t queued_count() const noexcept { return queue_.size(); }
 
   /// queue + drain for one statement; returns its result (an error result too).
   ResultPtr run(const Statement& statement, const Params& params, std::string_view what,

@@ -131,6 +131,10 @@ std::vector<Reply> PostgresSession::drain(std::size_t awaited) {
   const pg::Deadline deadline = user_queued_ ? pg::Deadline{} : conn_.idem_deadline();
   std::vector<Reply> replies = conn_.drain(deadline);
   user_queued_ = false;
+  if (speculative_unread_) {
+    speculative_unread_ = false;
+    read_speculative_claim(replies[speculative_reply_]);
+  }
   for (std::size_t i = 0; i < replies.size(); ++i) {
     const Reply& reply = replies[i];
     if (reply.ok() || reply.skipped()) continue;
@@ -155,8 +159,31 @@ std::vector<Reply> PostgresSession::drain(std::size_t awaited) {
   return replies;
 }
 
+void PostgresSession::read_speculative_claim(const Reply& reply) {
+  if (reply.ok()) {
+    speculative_token_ = static_cast<std::uint64_t>(pg::get_int8(reply.result.get(), 0, 0));
+    return;
+  }
+  const std::string state = pg::sqlstate_of(reply.result.get());
+  if (pg::unavailable_state(conn_.get(), state)) fail_on(reply);
+  // unique_violation (a record exists), lock_not_available (another transaction is writing
+  // the key), or anything else: the careful rerun claims it properly and says what it is.
+  speculation_missed_ = true;
+  deferred_failed_ = true;
+  deferred_error_ = "the speculative claim of the key was refused (" +
+                    pg::scrub(pg::server_message(reply.result.get()), conn_.target()) +
+                    ", SQLSTATE " + state + ")";
+  refuse_if_deferred_failed();
+}
+
 void PostgresSession::refuse_if_deferred_failed() const {
   if (!deferred_failed_) return;
+  if (speculation_missed_) {
+    throw InboxRetryWithoutDeferral(
+        conn_.target().label + ": " + deferred_error_ +
+        ": the key is not new, so the transaction was rolled back with the handler's writes "
+        "and the call runs again with the claim awaited");
+  }
   throw InboxRetryWithoutDeferral(
       conn_.target().label + ": " + deferred_error_ +
       "; the transaction was rolled back and the batch runs again with every statement "
@@ -221,6 +248,11 @@ void PostgresSession::prepare(std::span<const ClaimRequest> requests) {
   prepared_.assign(requests.size(), std::nullopt);
   // The first occurrence of every key in one statement; a repeat is claimed when its turn
   // comes, and then sees the first one's record.
+  if (kind_ == Kind::inbox && may_defer_ && impl_.options.speculative_claims &&
+      requests.size() == 1) {
+    speculative_ = true;  // claimed by claim(), answered at the commit
+    return;
+  }
   std::vector<std::size_t> firsts;
   std::vector<const ClaimRequest*> group;
   std::unordered_set<std::string_view> seen;
@@ -284,6 +316,18 @@ Claim PostgresSession::claim(const ClaimRequest& request, bool& fresh) {
     }
   }
   const ClaimRequest* one[] = {&request};
+  if (speculative_) {
+    // Not awaited: the handler runs now, its statements follow this INSERT in the pipeline,
+    // and the server skips them all (COMMIT too) if the INSERT fails.
+    speculative_reply_ = conn_.queued_count();
+    Params params = pg::claim_params(one, /*inbox=*/true);
+    params.text(conn_.user_lock_timeout()).text(conn_.user_statement_timeout());
+    queue_idem(Sql::claim_new, params, "recording the key");
+    speculative_unread_ = true;
+    user_settings_ = true;  // the INSERT switched to them
+    fresh = true;
+    return Claim{.status = ClaimStatus::acquired};
+  }
   for (int attempt = 0; attempt < kMaxClaimAttempts; ++attempt) {
     std::vector<std::optional<pg::ClaimAnswer>> answers;
     if (!claim_group(one, answers)) return Claim{.status = ClaimStatus::in_progress};

@@ -48,6 +48,8 @@ class PostgresSession final : public InboxTransaction {
   void commit() override;
   void check_open(std::string_view who) override;
   void check_alive_after_failure(std::string_view who, std::string_view error) override;
+  bool claims_confirmed() const noexcept override { return !speculative_; }
+  std::uint64_t confirmed_token() const noexcept override { return speculative_token_; }
 
   // PostgresTx
   PGconn* native_handle();
@@ -75,6 +77,9 @@ class PostgresSession final : public InboxTransaction {
   void use_idem_settings();
   void use_user_settings();
   void refuse_if_deferred_failed() const;
+  // The answer to a speculative claim, from the replies of the drain that carried it: the
+  // token, or the end of this attempt (the key is not new, or the server is gone).
+  void read_speculative_claim(const pg::Reply& reply);
   // Throws when the transaction is no longer ours to commit (sync mode only).
   void check_status(std::string_view who, std::string_view error, bool after_failure);
 
@@ -94,6 +99,13 @@ class PostgresSession final : public InboxTransaction {
   bool savepoint_open_ = false;
   bool native_taken_ = false;   // no pipelining, savepoints up front for the rest of it
   bool awaited_error_ = false;  // a handler's awaited statement failed in this message
+  // PostgresOptions::speculative_claims, for a lone message of an optimistic attempt: its
+  // claim is a plain INSERT sent with the handler's statements, answered at the next drain.
+  bool speculative_ = false;
+  bool speculative_unread_ = false;
+  std::size_t speculative_reply_ = 0;  // its reply's index in that drain
+  std::uint64_t speculative_token_ = 0;
+  bool speculation_missed_ = false;
   const ClaimRequest* prepared_base_ = nullptr;
   std::vector<std::optional<pg::ClaimAnswer>> prepared_;
 };

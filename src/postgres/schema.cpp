@@ -140,6 +140,18 @@ LEFT JOIN cur ON cur.key = req.key)sql");
     sql_[static_cast<std::size_t>(Sql::claim_one)] = std::move(one);
   }
 
+  // A speculative inbox claim (PostgresOptions::speculative_claims): the claim of a key with
+  // no record at all, as one plain INSERT. Any record, or another transaction inserting the
+  // same key (past lock_timeout), fails it, and with it the rest of the pipeline. Once the
+  // row is in, RETURNING hands the transaction over to the handler's timeouts ($5 lock,
+  // $6 statement), which saves the statement that would otherwise do it.
+  set(Sql::claim_new, R"sql(
+INSERT INTO @keys (key, state, token, expires_at, fingerprint)
+VALUES ($1::bytea, $2::int2, nextval(@tokens_lit),
+        statement_timestamp() + $3::int8 * interval '1 millisecond', $4::int8)
+RETURNING token, set_config('lock_timeout', $5::text, true),
+          set_config('statement_timeout', $6::text, true))sql");
+
   // Completes while the token owns the key (in progress or done, expired or not). When the
   // record is gone (its lease ended and a purge deleted it, nobody took over), the key is
   // recorded done all the same, for a token the sequence has handed out. $5: wait hashes; a
@@ -219,10 +231,11 @@ FROM req LEFT JOIN upd ON upd.key = req.key LEFT JOIN ins ON ins.key = req.key)s
 
 const char* Statements::name(Sql which) noexcept {
   static constexpr const char* kNames[kSqlCount] = {
-      "idem_claim",   "idem_claim_one",  "idem_complete",    "idem_release",    "idem_forget",
-      "idem_undo",    "idem_response",   "idem_inspect",     "idem_stats",      "idem_save_offsets",
-      "idem_offsets", "idem_purge_step", "idem_purge_gated", "idem_purge_lock", "idem_purge_unlock",
-      "idem_held",    "idem_wait_lock",  "idem_wait_unlock"};
+      "idem_claim",      "idem_claim_one",   "idem_claim_new",    "idem_complete",
+      "idem_release",    "idem_forget",      "idem_undo",         "idem_response",
+      "idem_inspect",    "idem_stats",       "idem_save_offsets", "idem_offsets",
+      "idem_purge_step", "idem_purge_gated", "idem_purge_lock",   "idem_purge_unlock",
+      "idem_held",       "idem_wait_lock",   "idem_wait_unlock"};
   return kNames[static_cast<std::size_t>(which)];
 }
 

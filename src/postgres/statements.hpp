@@ -14,6 +14,7 @@ namespace idem::detail::pg {
 enum class Sql : std::size_t {
   claim,         // set-based claim; see schema.cpp
   claim_one,     // the same for one key, with scalar parameters (a plan the cache can keep)
+  claim_new,     // one key that must be new (a plain INSERT: unique_violation otherwise)
   complete,      // set-based completion (announces completed keys a waiter listens for)
   release,       // $1 key, $2 token, $3 wait hash (announced when a waiter listens)
   forget,        // $1 key, $2 wait hash (announced when a waiter listens)

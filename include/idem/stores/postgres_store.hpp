@@ -79,6 +79,15 @@ struct PostgresOptions {
   /// first delivery's transaction is still open before answering in_progress (the handler
   /// may run for long; the record is only visible once that transaction commits).
   std::chrono::milliseconds lock_wait{std::chrono::milliseconds{200}};
+  /// Transactional inbox, one message per call: send the key's claim together with the
+  /// handler's statements and COMMIT, one round trip instead of two. The handler then runs
+  /// before the database has said whether the key is new: when it is not (a duplicate, a key
+  /// another transaction holds, an expired record), the transaction is rolled back, the
+  /// handler's writes with it, and the call runs again the usual way (the handler runs again
+  /// only if the key turns out to be claimable). Turn it on only for handlers whose every
+  /// effect goes through the PostgresTx: anything else they do happens for duplicates too.
+  /// Batches are not affected. See docs/stores/postgres.md, "Speculative claims".
+  bool speculative_claims = false;
   /// After a failed connection attempt, the pool waits this long before the next one
   /// (callers meanwhile get idem::PostgresUnavailable at once).
   std::chrono::milliseconds reconnect_backoff{std::chrono::milliseconds{200}};
