@@ -1,13 +1,20 @@
 # Install rules and the CMake package of idem, for every library target this build defines:
 #   idem (idem::idem), idem_sqlite (idem::sqlite), idem_redis (idem::redis),
-#   idem_kafka (idem::kafka), idem_rabbitmq (idem::rabbitmq), idem_log (idem::log)
+#   idem_postgres (idem::postgres), idem_kafka (idem::kafka), idem_rabbitmq (idem::rabbitmq),
+#   idem_log (idem::log), idem_open_store (idem::open_store, which links the store components
+#   this build has)
 # plus the idemctl tool. Included last by the top-level CMakeLists.txt when IDEM_INSTALL is on,
 # so it sees every target; component CMakeLists need no install lines of their own.
+#
+# Headers: each header under include/idem is installed once, by the component whose name
+# globs below claim it (so outbox/sqlite_outbox.hpp goes with idem::sqlite, the library that
+# compiles src/outbox/sqlite_outbox.cpp), the rest by the core. Configuring fails when a header
+# includes one that its owner does not link (a core header including a component's header).
 #
 # Produces, in <prefix>/<libdir>/cmake/idem and (for the build tree) in the binary dir:
 #   idemConfig.cmake, idemConfigVersion.cmake, idem-targets.cmake,
 #   idem-<component>-targets.cmake and idem-<component>-dependencies.cmake per component;
-# and <prefix>/<libdir>/pkgconfig/idem.pc plus idem-<component>.pc.
+# and <prefix>/<libdir>/pkgconfig/idem.pc plus idem-<component>.pc (idem-open_store.pc ...).
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -16,20 +23,23 @@ set(IDEM_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/idem
 set(IDEM_INSTALL_PKGCONFIGDIR ${CMAKE_INSTALL_LIBDIR}/pkgconfig
     CACHE STRING "Where idem.pc is installed, relative to the prefix")
 
-# component -> target and the header globs (relative to include/idem) it owns.
-set(_idem_all_components sqlite redis postgres kafka rabbitmq log)
+# component -> target and the header globs it owns (file names, matched in include/idem and
+# its subdirectories: "sqlite*" is sqlite.hpp, stores/sqlite_store.hpp, outbox/sqlite_outbox.hpp).
+set(_idem_all_components sqlite redis postgres kafka rabbitmq log open_store)
 set(_idem_target_sqlite idem_sqlite)
 set(_idem_target_redis idem_redis)
 set(_idem_target_postgres idem_postgres)
 set(_idem_target_kafka idem_kafka)
 set(_idem_target_rabbitmq idem_rabbitmq)
 set(_idem_target_log idem_log)
+set(_idem_target_open_store idem_open_store)
 set(_idem_headers_sqlite "sqlite*")
 set(_idem_headers_redis "redis*")
 set(_idem_headers_postgres "postgres*")
 set(_idem_headers_kafka "kafka*")
 set(_idem_headers_rabbitmq "rabbitmq*")
 set(_idem_headers_log "stderr_logger.hpp")
+set(_idem_headers_open_store "open_store.hpp" "store_url.hpp")
 
 set(IDEM_COMPONENTS "")
 foreach(_comp IN LISTS _idem_all_components)
@@ -45,10 +55,13 @@ endforeach()
 # its INTERFACE_LINK_LIBRARIES as $<LINK_ONLY:...>, so the export carries them and consumers
 # link them; the config must therefore recreate those imported targets. Each component's
 # dependencies are derived here from its link interface, so a component that changes its C
-# library needs no edit in this file.
+# library needs no edit in this file. Another idem component in the link interface (idem::sqlite
+# for idem::open_store) becomes _idem_need_component(sqlite), which loads it first, and the
+# pkg-config module idem-sqlite.
 #
-# _idem_dependencies(<target> <cmake-code-var> <pc-requires-var> <pc-libs-var>)
-function(_idem_dependencies target code_var requires_var libs_var)
+# _idem_dependencies(<target> <cmake-code-var> <pc-requires-var> <pc-libs-var>
+#                    <pc-idem-requires-var>)
+function(_idem_dependencies target code_var requires_var libs_var idem_requires_var)
   get_target_property(_libs ${target} INTERFACE_LINK_LIBRARIES)
   if(NOT _libs)
     set(_libs "")
@@ -56,12 +69,23 @@ function(_idem_dependencies target code_var requires_var libs_var)
   set(_code "")
   set(_requires "")
   set(_plibs "")
+  set(_idem_requires "")
   foreach(_lib IN LISTS _libs)
     if(_lib MATCHES "^\\$<LINK_ONLY:(.+)>$")
       set(_lib "${CMAKE_MATCH_1}")
     endif()
-    if(_lib MATCHES "^\\$<" OR _lib MATCHES "^idem(::|_|$)")
-      continue()  # other generator expressions; idem's own targets
+    if(_lib MATCHES "^\\$<" OR _lib STREQUAL "idem::idem" OR _lib STREQUAL "idem")
+      continue()  # other generator expressions; the core (always loaded, always required)
+    endif()
+    if(_lib MATCHES "^idem(::|_)(.+)$")
+      set(_comp "${CMAKE_MATCH_2}")
+      if(NOT _comp IN_LIST _idem_all_components)
+        message(FATAL_ERROR "idem install: ${target} links ${_lib}, which is no component "
+                            "this file knows (_idem_all_components)")
+      endif()
+      string(APPEND _code "_idem_need_component(${_comp})\n")
+      list(APPEND _idem_requires idem-${_comp})
+      continue()
     endif()
     if(_lib MATCHES "^PkgConfig::(.+)$")
       set(_var "${CMAKE_MATCH_1}")
@@ -117,30 +141,108 @@ function(_idem_dependencies target code_var requires_var libs_var)
   set(${code_var} "${_code}" PARENT_SCOPE)
   set(${requires_var} "${_requires}" PARENT_SCOPE)
   set(${libs_var} "${_plibs}" PARENT_SCOPE)
+  list(REMOVE_DUPLICATES _idem_requires)
+  string(REPLACE ";" ", " _idem_requires "${_idem_requires}")
+  set(${idem_requires_var} "${_idem_requires}" PARENT_SCOPE)
 endfunction()
 
 # Writes <dir>/idem-<name>-dependencies.cmake for the build tree and the install tree.
 function(_idem_write_dependencies name target)
-  _idem_dependencies(${target} _code _requires _libs)
+  _idem_dependencies(${target} _code _requires _libs _idem_requires)
   set(_file ${PROJECT_BINARY_DIR}/idem-${name}-dependencies.cmake)
   file(WRITE ${_file} "# Generated by cmake/IdemInstall.cmake: what idem::${name} links.\n${_code}")
   install(FILES ${_file} DESTINATION ${IDEM_INSTALL_CMAKEDIR})
 endfunction()
 
 # ---------------------------------------------------------------------------------------------
-# Libraries, export sets and headers.
-set(_idem_header_excludes "")
+# Headers: who owns each one. _idem_headers_of_<owner> (core or a component) lists the paths
+# relative to include/, and _idem_owner_of_<path> names the owner.
+file(GLOB_RECURSE _idem_all_headers CONFIGURE_DEPENDS RELATIVE ${PROJECT_SOURCE_DIR}/include
+     ${PROJECT_SOURCE_DIR}/include/idem/*.hpp)
+list(SORT _idem_all_headers)
+set(_idem_headers_of_core "")
 foreach(_comp IN LISTS _idem_all_components)
-  list(APPEND _idem_header_excludes PATTERN "${_idem_headers_${_comp}}" EXCLUDE)
+  set(_idem_headers_of_${_comp} "")
 endforeach()
+foreach(_header IN LISTS _idem_all_headers)
+  get_filename_component(_name ${_header} NAME)
+  set(_owner core)
+  foreach(_comp IN LISTS _idem_all_components)
+    foreach(_glob IN LISTS _idem_headers_${_comp})
+      string(REPLACE "." "\\." _regex "${_glob}")
+      string(REPLACE "*" ".*" _regex "${_regex}")
+      if(_name MATCHES "^${_regex}$" AND NOT _owner STREQUAL _comp)
+        if(NOT _owner STREQUAL "core")
+          message(FATAL_ERROR "idem install: include/${_header} is claimed by the header globs "
+                              "of both ${_owner} and ${_comp}; give it one owner")
+        endif()
+        set(_owner ${_comp})
+      endif()
+    endforeach()
+  endforeach()
+  list(APPEND _idem_headers_of_${_owner} ${_header})
+  set(_idem_owner_of_${_header} ${_owner})
+endforeach()
+
+# A header may include the core's headers, its own component's, and those of the components its
+# owner links (idem::open_store's may include idem::sqlite's). Anything else would install a
+# header that does not compile for a user who links its owner alone.
+foreach(_header IN LISTS _idem_all_headers)
+  set(_owner ${_idem_owner_of_${_header}})
+  set(_allowed core ${_owner})
+  if(NOT _owner STREQUAL "core")
+    if(NOT TARGET ${_idem_target_${_owner}})
+      continue()  # not built, not installed
+    endif()
+    get_target_property(_links ${_idem_target_${_owner}} INTERFACE_LINK_LIBRARIES)
+    foreach(_lib IN LISTS _links)
+      if(_lib MATCHES "^(\\$<LINK_ONLY:)?idem(::|_)([A-Za-z0-9_]+)>?$")
+        list(APPEND _allowed ${CMAKE_MATCH_3})
+      endif()
+    endforeach()
+  endif()
+  file(STRINGS ${PROJECT_SOURCE_DIR}/include/${_header} _includes
+       REGEX "^[ \t]*#[ \t]*include[ \t]*[<\"]idem/")
+  foreach(_line IN LISTS _includes)
+    string(REGEX REPLACE "^[ \t]*#[ \t]*include[ \t]*[<\"]([^>\"]+)[>\"].*$" "\\1" _included
+                         "${_line}")
+    set(_included_owner "${_idem_owner_of_${_included}}")
+    if(NOT _included_owner)
+      message(FATAL_ERROR "idem install: include/${_header} includes ${_included}, which is not "
+                          "a header under include/")
+    endif()
+    if(NOT _included_owner IN_LIST _allowed)
+      if(_owner STREQUAL "core")
+        set(_fix "a core header may include core headers only")
+      else()
+        set(_fix "make idem::${_owner} link idem::${_included_owner}")
+      endif()
+      message(FATAL_ERROR "idem install: include/${_header} (installed with ${_owner}) includes "
+                          "${_included}, which belongs to ${_included_owner}: give the header to "
+                          "${_included_owner} (the header globs in cmake/IdemInstall.cmake), or "
+                          "${_fix}")
+    endif()
+  endforeach()
+endforeach()
+
+# install(FILES) for one owner's headers, each into its directory under include/.
+function(_idem_install_headers owner)
+  foreach(_header IN LISTS _idem_headers_of_${owner})
+    get_filename_component(_dir ${_header} DIRECTORY)
+    install(FILES ${PROJECT_SOURCE_DIR}/include/${_header}
+            DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/${_dir})
+  endforeach()
+endfunction()
+
+# ---------------------------------------------------------------------------------------------
+# Libraries, export sets and headers.
 
 install(TARGETS idem EXPORT idem-targets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
         INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/idem DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
-        FILES_MATCHING PATTERN "*.hpp" ${_idem_header_excludes})
+_idem_install_headers(core)
 install(EXPORT idem-targets FILE idem-targets.cmake NAMESPACE idem::
         DESTINATION ${IDEM_INSTALL_CMAKEDIR})
 export(EXPORT idem-targets FILE ${PROJECT_BINARY_DIR}/idem-targets.cmake NAMESPACE idem::)
@@ -152,8 +254,7 @@ foreach(_comp IN LISTS IDEM_COMPONENTS)
           ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
           LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
           RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-  install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/idem DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
-          FILES_MATCHING PATTERN "${_idem_headers_${_comp}}")
+  _idem_install_headers(${_comp})
   install(EXPORT idem-${_comp}-targets FILE idem-${_comp}-targets.cmake NAMESPACE idem::
           DESTINATION ${IDEM_INSTALL_CMAKEDIR})
   export(EXPORT idem-${_comp}-targets FILE ${PROJECT_BINARY_DIR}/idem-${_comp}-targets.cmake
@@ -179,12 +280,17 @@ install(FILES ${PROJECT_BINARY_DIR}/idemConfig.cmake ${PROJECT_BINARY_DIR}/idemC
 # pkg-config: idem.pc (the core) and idem-<component>.pc. The prefix is found from the .pc
 # file's own location, so an installed tree can be moved. For a static build every dependency
 # goes in Requires/Libs (plain `pkg-config --libs idem` links); for a shared one, private
-# dependencies go in Requires.private.
+# dependencies go in Requires.private. idem's own modules (idem, and idem-sqlite ... for
+# idem-open_store) are always in Requires.
 file(RELATIVE_PATH _idem_pc_to_prefix
      ${CMAKE_INSTALL_PREFIX}/${IDEM_INSTALL_PKGCONFIGDIR} ${CMAKE_INSTALL_PREFIX})
 string(REGEX REPLACE "/$" "" _idem_pc_to_prefix "${_idem_pc_to_prefix}")
 function(_idem_write_pc name target description requires_idem)
-  _idem_dependencies(${target} _code _requires _libs)
+  _idem_dependencies(${target} _code _requires _libs _idem_requires)
+  if(requires_idem AND _idem_requires)
+    string(APPEND requires_idem ", ")
+  endif()
+  string(APPEND requires_idem "${_idem_requires}")
   get_target_property(_type ${target} TYPE)
   get_target_property(_output ${target} OUTPUT_NAME)
   if(NOT _output)
