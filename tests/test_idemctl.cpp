@@ -388,6 +388,7 @@ TEST(Idemctl, SqliteReadCommandsDoNotWaitForAConsumersTransaction) {
     run = idemctl({"purge-expired", "--busy-timeout", "0", "sqlite://" + path});
     EXPECT_EQ(run.code, 3) << run.out;
     EXPECT_NE(run.err.find("SQLITE_BUSY"), std::string::npos) << run.err;
+    EXPECT_NE(run.err.find("--busy-timeout"), std::string::npos) << run.err;
     // A second store (another consumer process) opens too.
     EXPECT_NO_THROW(idem::SqliteStore second(path, {.busy_timeout = 0ms}));
   });

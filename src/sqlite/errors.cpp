@@ -84,8 +84,8 @@ std::string advice(int primary) {
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
       return "another connection kept the database locked longer than busy_timeout; retry "
-             "later, or raise SqliteOptions::busy_timeout if that writer is expected to "
-             "be slow";
+             "later, or raise the busy timeout (SqliteOptions::busy_timeout; idemctl: "
+             "--busy-timeout) if that writer is expected to be slow";
     case SQLITE_CANTOPEN:
       return "check that the directory exists and that this process may create files in it "
              "(SQLite also creates the -wal and -shm files next to the database)";

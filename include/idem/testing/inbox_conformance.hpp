@@ -27,11 +27,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -333,11 +336,111 @@ TYPED_TEST_P(InboxConformance, FourThreadsOnTheSameKeysWriteEachEffectOnce) {
   }
 }
 
+// One transaction of 1000 messages settles each message as consuming it alone would: done
+// keys are duplicates with their response (conflicts with another payload), expired claims
+// are taken over with a newer token, live claims are in progress, keys repeat within the
+// batch, and some handlers always fail. The expected outcome of every message comes from a
+// model of the contract, applied in order.
+TYPED_TEST_P(InboxConformance, LargeMixedBatchSettlesEachMessageAsAloneItWould) {
+  constexpr int kKeys = 700;
+  constexpr int kMessages = 1000;
+  auto key_of = [](int k) { return "m-" + std::to_string(k); };
+  auto always_fails = [](int k) { return k % 37 == 0; };
+  for (int k = 0; k < kKeys; k += 37) this->fail_keys_.push_back(key_of(k));
+  this->fail_once_ = false;
+  auto consumer = this->consumer();
+
+  // The model: what the store holds for each key, as the contract says it evolves.
+  struct Record {
+    enum Kind { done, live_claim, expired_claim } kind;
+    std::string payload;  // of a done record
+  };
+  std::map<std::string, Record> model;
+  // History: m-0..m-199 consumed; m-200..m-299 claimed, their leases run out; m-300..m-349
+  // claimed with a live lease.
+  for (int k = 0; k < 200; ++k) {
+    const std::string payload = "p" + std::to_string(k);
+    ASSERT_EQ(consumer.consume({.key = key_of(k), .payload = payload}).outcome,
+              always_fails(k) ? Outcome::failed : Outcome::processed);
+    if (!always_fails(k)) model[key_of(k)] = {Record::done, payload};
+  }
+  std::map<std::string, std::uint64_t> expired_tokens;
+  for (int k = 200; k < 300; ++k) {
+    const Claim claim = this->store().claim(
+        {.key = key_of(k), .lease = this->kLease, .retention = this->kRetention});
+    ASSERT_EQ(claim.status, ClaimStatus::acquired);
+    expired_tokens[key_of(k)] = claim.token;
+    model[key_of(k)] = {Record::expired_claim, ""};
+  }
+  this->factory_.advance(this->kLease + 500ms);
+  for (int k = 300; k < 350; ++k) {
+    ASSERT_EQ(this->store().claim({.key = key_of(k), .lease = 1h}).status, ClaimStatus::acquired);
+    model[key_of(k)] = {Record::live_claim, ""};
+  }
+
+  // Every key once in a shuffled order, then 300 repeats, one in five with another payload.
+  std::mt19937 random(20261206);
+  std::vector<int> order(kKeys);
+  for (int k = 0; k < kKeys; ++k) order[k] = k;
+  std::shuffle(order.begin(), order.end(), random);
+  std::vector<std::string> keys, payloads;  // Messages view them: filled first
+  for (int n = 0; n < kMessages; ++n) {
+    const int k = n < kKeys ? order[n] : static_cast<int>(random() % kKeys);
+    keys.push_back(key_of(k));
+    const bool changed = n >= kKeys && random() % 5 == 0;
+    payloads.push_back(changed ? "changed" : "p" + std::to_string(k));
+  }
+  std::vector<Message> batch;
+  for (int n = 0; n < kMessages; ++n) batch.push_back({.key = keys[n], .payload = payloads[n]});
+
+  const std::vector<Result> results = consumer.consume_batch(batch);
+  ASSERT_EQ(results.size(), batch.size());
+  std::map<Outcome, int> seen;
+  for (int n = 0; n < kMessages; ++n) {
+    SCOPED_TRACE("message " + std::to_string(n) + ", key " + keys[n]);
+    const Message& m = batch[n];
+    Outcome expected = Outcome::processed;
+    const auto found = model.find(keys[n]);
+    if (found != model.end() && found->second.kind == Record::done) {
+      expected = found->second.payload == m.payload ? Outcome::duplicate : Outcome::conflict;
+    } else if (found != model.end() && found->second.kind == Record::live_claim) {
+      expected = Outcome::in_progress;
+    } else if (always_fails(std::stoi(keys[n].substr(2)))) {
+      expected = Outcome::failed;
+    }
+    EXPECT_EQ(results[n].outcome, expected);
+    ++seen[results[n].outcome];
+    if (expected == Outcome::duplicate) {
+      EXPECT_EQ(results[n].response, "card-for-" + keys[n]);
+    }
+    if (expected == Outcome::processed) {
+      EXPECT_EQ(results[n].response, "card-for-" + keys[n]);
+      const auto old = expired_tokens.find(keys[n]);
+      if (old != expired_tokens.end()) {
+        EXPECT_GT(results[n].fencing_token, old->second);  // taken over: a newer token
+      }
+      model[keys[n]] = {Record::done, std::string(m.payload)};
+    }
+  }
+  EXPECT_GT(seen[Outcome::processed], 300);  // the mix really is mixed
+  EXPECT_GT(seen[Outcome::duplicate], 200);
+  EXPECT_GT(seen[Outcome::in_progress], 40);
+  EXPECT_GT(seen[Outcome::conflict], 10);
+  EXPECT_GT(seen[Outcome::failed], 10);
+  const int step = TestFixture::kSpeculative ? 1 : 7;
+  for (int k = 0; k < kKeys; k += step) {
+    const auto found = model.find(key_of(k));
+    const bool done = found != model.end() && found->second.kind == Record::done;
+    EXPECT_EQ(this->effects(key_of(k)), done ? 1 : 0) << key_of(k);
+  }
+}
+
 REGISTER_TYPED_TEST_SUITE_P(
     InboxConformance, EffectAndRecordCommitTogetherOnce, HandlerFailureRollsBackEffectAndRecord,
     BatchRollsBackOnlyTheFailedMessage, OffsetsAreSavedOnlyWhenTheWholeBatchIsAckable,
     KeyHeldByAClaimIsInProgress, BeforeProcessingKeepsTheRecordButNotTheWrites,
     BadRequestsAreRefusedBeforeAnythingRuns, KeysAreBinarySafe, HandlerMayNotEndTheTransaction,
-    FailuresAreLoggedAndEveryPathIsCounted, FourThreadsOnTheSameKeysWriteEachEffectOnce);
+    FailuresAreLoggedAndEveryPathIsCounted, FourThreadsOnTheSameKeysWriteEachEffectOnce,
+    LargeMixedBatchSettlesEachMessageAsAloneItWould);
 
 }  // namespace idem::testing
