@@ -3,7 +3,8 @@
 // Environment), on free loopback ports, with its own node name, data, log, plugins and
 // feature-flags files in a temporary directory. As root the directory is handed to the
 // rabbitmq user (Debian's wrapper scripts run the node through `su rabbitmq`). Stopped with
-// `rabbitmqctl stop`; the directory is removed. Starting takes about 6 s.
+// `rabbitmqctl stop`; the directory is removed. Starting takes about 6 s. A watchdog process
+// kills the node and removes the directory if the test binary dies without stopping it.
 // When rabbitmq-server is not installed, start() throws std::runtime_error saying what to
 // install: the tests then fail, they never skip.
 
@@ -102,6 +103,7 @@ class RabbitMqServer {
     }
 
     pid_ = spawn({server_}, (dir_ / "server.out").string());
+    start_watchdog();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{90};
     while (!amqp_ready(port_)) {
       int status = 0;
@@ -204,7 +206,68 @@ class RabbitMqServer {
     return pid;
   }
 
+  // As root the node runs under `su -c`, which starts a new session: a signal to our
+  // process group never reaches it. The node's own pid (RABBITMQ_PID_FILE) does. Async-signal
+  // safe, for the watchdog.
+  static void kill_node(const char* pid_file, pid_t group) noexcept {
+    const int fd = ::open(pid_file, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      char text[32] = {};
+      const ssize_t n = ::read(fd, text, sizeof text - 1);
+      ::close(fd);
+      pid_t node = 0;
+      for (ssize_t i = 0; i < n && text[i] >= '0' && text[i] <= '9'; ++i) {
+        node = node * 10 + (text[i] - '0');
+      }
+      if (node > 1) ::kill(node, SIGKILL);
+    }
+    if (group > 0) ::kill(-group, SIGKILL);
+  }
+
+  // A test binary killed outright (a crash, a CTest timeout) runs no destructor, and the
+  // node would outlive it. A forked watchdog waits for the end of a pipe whose only writer is
+  // this process; when it dies, the watchdog kills the node and removes its directory.
+  void start_watchdog() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) return;  // no watchdog: the destructor still stops it
+    const std::string pid_file = (dir_ / "rabbitmq.pid").string();
+    const std::string dir = dir_.string();
+    const pid_t group = pid_;
+    const pid_t watchdog = ::fork();
+    if (watchdog == 0) {
+      ::close(fds[1]);
+      ::setsid();  // outlives a signal to the test's process group (CTest's timeout)
+      // Off CTest's output pipe, which it would otherwise keep open.
+      const int null = ::open("/dev/null", O_RDWR);
+      for (int fd = 0; fd <= 2 && null >= 0; ++fd) ::dup2(null, fd);
+      char byte = 0;
+      while (::read(fds[0], &byte, 1) < 0 && errno == EINTR) {
+      }
+      kill_node(pid_file.c_str(), group);
+      ::execl("/bin/rm", "rm", "-rf", dir.c_str(), static_cast<char*>(nullptr));
+      ::_exit(0);
+    }
+    ::close(fds[0]);
+    if (watchdog < 0) {
+      ::close(fds[1]);
+      return;
+    }
+    watchdog_pid_ = watchdog;
+    watchdog_fd_ = fds[1];
+  }
+
+  void stop_watchdog() noexcept {
+    if (watchdog_pid_ <= 0) return;
+    ::kill(watchdog_pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(watchdog_pid_, &status, 0);
+    ::close(watchdog_fd_);
+    watchdog_pid_ = -1;
+    watchdog_fd_ = -1;
+  }
+
   void stop() noexcept {
+    stop_watchdog();
     if (pid_ > 0) {
       try {
         ctl({"stop"});
@@ -215,7 +278,7 @@ class RabbitMqServer {
         std::this_thread::sleep_for(std::chrono::milliseconds{100});
       }
       if (::waitpid(pid_, &status, WNOHANG) == 0) {
-        ::kill(-pid_, SIGKILL);
+        kill_node((dir_ / "rabbitmq.pid").c_str(), pid_);
         ::waitpid(pid_, &status, 0);
       }
       pid_ = -1;
@@ -232,6 +295,8 @@ class RabbitMqServer {
   int port_ = 0, dist_port_ = 0;
   std::filesystem::path dir_;
   pid_t pid_ = -1;
+  pid_t watchdog_pid_ = -1;
+  int watchdog_fd_ = -1;
 };
 
 }  // namespace idem::test_support::rabbitmq
