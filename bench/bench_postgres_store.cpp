@@ -32,7 +32,8 @@
 //   client queueing the handlers' statements), last handler -> return (the commit round trip:
 //   the server runs every queued statement, then COMMIT and its WAL flush).
 // - BM_RawLadderCard pairs the raw transaction with itself plus some of idem's extra
-//   statements or round trips (see Ladder), to price each.
+//   statements or round trips, or with its dedup table shaped like idem's record (see
+//   Ladder), to price each.
 //
 // IDEM_BENCH_PG_CONNINFO_EXTRA (see conninfo()) changes both sides' connection settings.
 // IDEM_BENCH_PG_STATS=1 restarts the server with pg_stat_statements before the benchmarks and
@@ -121,17 +122,47 @@ struct Ladder {
   bool text_card = false;
   // A sync after the dedup inserts (their answers read), then the rest: two round trips.
   bool claim_round_trip = false;
+  // The dedup row as wide as idem's record: state, expires_at (statement_timestamp() plus a
+  // bound retention) and fingerprint columns besides the key.
+  bool wide_row = false;
+  // An index on the expiry column (needs wide_row), as idem's purge uses.
+  bool expiry_index = false;
+  // A token column filled from a sequence (nextval per insert).
+  bool sequence_token = false;
+  // idem's BEGIN: BEGIN ISOLATION LEVEL READ COMMITTED.
+  bool idem_begin = false;
+  // BEGIN as a named prepared statement (parsed once per connection).
+  bool prepared_begin = false;
+  // The dedup insert RETURNING its token and two set_config calls (a speculative claim's).
+  bool idem_returning = false;
+  // The session settings idem's connections run with: statement_timeout 10 s, lock_timeout
+  // 200 ms (set once at connect).
+  bool idem_session = false;
 
   static Ladder of(std::int64_t bits) {
     return {.bookkeeping = (bits & 1) != 0,
             .text_card = (bits & 2) != 0,
-            .claim_round_trip = (bits & 4) != 0};
+            .claim_round_trip = (bits & 4) != 0,
+            .wide_row = (bits & 8) != 0,
+            .expiry_index = (bits & 16) != 0,
+            .sequence_token = (bits & 32) != 0,
+            .idem_begin = (bits & 64) != 0,
+            .prepared_begin = (bits & 128) != 0,
+            .idem_returning = (bits & 256) != 0,
+            .idem_session = (bits & 512) != 0};
   }
   static std::string label(std::int64_t bits) {
     std::string text;
     if ((bits & 1) != 0) text += "+bookkeeping statements ";
     if ((bits & 2) != 0) text += "+unprepared card insert ";
     if ((bits & 4) != 0) text += "+claim round trip ";
+    if ((bits & 8) != 0) text += "+wide row ";
+    if ((bits & 16) != 0) text += "+expiry index ";
+    if ((bits & 32) != 0) text += "+sequence token ";
+    if ((bits & 64) != 0) text += "+idem's BEGIN ";
+    if ((bits & 128) != 0) text += "+prepared BEGIN ";
+    if ((bits & 256) != 0) text += "+idem's RETURNING ";
+    if ((bits & 512) != 0) text += "+idem's session ";
     if (!text.empty()) text.pop_back();
     return text;
   }
@@ -142,13 +173,41 @@ struct Ladder {
 // its schema and, when given, the idem side's (after the store closed its connections).
 class RawPg {
  public:
-  RawPg(const std::string& conninfo, std::string schema, std::string idem_schema = {})
+  // shape: the dedup table's extra columns and indexes (Ladder bits 8, 16, 32).
+  RawPg(const std::string& conninfo, std::string schema, std::string idem_schema = {},
+        const Ladder& shape = {})
       : conn_(connect(conninfo)), schema_(std::move(schema)), idem_schema_(std::move(idem_schema)) {
     exec(conn_.get(), "CREATE SCHEMA " + schema_);
-    exec(conn_.get(), "CREATE TABLE " + schema_ + ".raw(key bytea PRIMARY KEY)");
+    std::string columns = "key bytea PRIMARY KEY", names = "key", values = "$1";
+    if (shape.wide_row) {
+      columns += ", state int2 NOT NULL, expires_at timestamptz NOT NULL, fingerprint int8";
+      names += ", state, expires_at, fingerprint";
+      values += ", 0, statement_timestamp() + 86400000 * interval '1 millisecond', 42";
+    }
+    if (shape.sequence_token) {
+      exec(conn_.get(), "CREATE SEQUENCE " + schema_ + ".tokens AS bigint");
+      columns += ", token int8 NOT NULL";
+      names += ", token";
+      values += ", nextval('" + schema_ + ".tokens')";
+    }
+    exec(conn_.get(), "CREATE TABLE " + schema_ + ".raw(" + columns + ")");
+    if (shape.expiry_index) exec(conn_.get(), "CREATE INDEX ON " + schema_ + ".raw(expires_at)");
     exec(conn_.get(),
          "CREATE TABLE " + schema_ + ".cards(payment_id bytea NOT NULL, number text NOT NULL)");
-    insert_sql_ = "INSERT INTO " + schema_ + ".raw(key) VALUES($1) ON CONFLICT DO NOTHING";
+    insert_sql_ = "INSERT INTO " + schema_ + ".raw(" + names + ") VALUES(" + values +
+                  ") ON CONFLICT DO NOTHING";
+    if (shape.idem_returning) {
+      insert_sql_ += " RETURNING " + std::string(shape.sequence_token ? "token" : "1") +
+                     ", set_config('lock_timeout', '0', true), "
+                     "set_config('statement_timeout', '0', true)";
+    }
+    if (shape.idem_begin) begin_ = "BEGIN ISOLATION LEVEL READ COMMITTED";
+    if (shape.prepared_begin) {
+      prepare("raw_begin", begin_, 0);
+      prepared_begin_ = true;
+    }
+    if (shape.idem_session)
+      exec(conn_.get(), "SET statement_timeout = 10000; SET lock_timeout = 200");
     card_sql_ = "INSERT INTO " + schema_ + ".cards(payment_id, number) VALUES($1, $2)";
     prepare("raw_insert", insert_sql_, 1);
     prepare("raw_card", card_sql_, 2);
@@ -183,7 +242,14 @@ class RawPg {
   // One transaction: BEGIN, per key the dedup insert (and the card insert), COMMIT; sent in
   // one pipeline, read after one sync (two with ladder.claim_round_trip).
   void transaction(const std::vector<std::string>& keys, bool card, const Ladder& ladder = {}) {
-    text("BEGIN");
+    if (prepared_begin_) {
+      if (PQsendQueryPrepared(conn_.get(), "raw_begin", 0, nullptr, nullptr, nullptr, 0) == 0) {
+        fail("raw_begin");
+      }
+      ++pending_;
+    } else {
+      text(begin_);
+    }
     if (ladder.bookkeeping) text("SAVEPOINT c");
     for (const std::string& key : keys) insert(key);
     if (ladder.bookkeeping) text("RELEASE SAVEPOINT c");
@@ -269,6 +335,8 @@ class RawPg {
   std::string idem_schema_;
   std::string insert_sql_;
   std::string card_sql_;
+  const char* begin_ = "BEGIN";
+  bool prepared_begin_ = false;
   int pending_ = 0;
 };
 
@@ -497,8 +565,8 @@ void BM_RawLadderCard(benchmark::State& state) {
   guarded(state, [&] {
     const int run = next_run();
     RawPg base(conninfo(), "bench_raw_" + std::to_string(run));
-    RawPg extra(conninfo(), "bench_rawx_" + std::to_string(run));
     const Ladder ladder = Ladder::of(state.range(0));
+    RawPg extra(conninfo(), "bench_rawx_" + std::to_string(run), {}, ladder);
     const auto size = static_cast<std::size_t>(state.range(1));
     std::uint64_t next_base = 0, next_extra = 0;
     std::vector<std::string> base_keys(size), extra_keys(size);
@@ -536,6 +604,13 @@ BENCHMARK(BM_PhasesCard)
     ->MinTime(3.0)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_RawLadderCard)->ArgsProduct({{1, 2, 4, 7}, {1, kBatch}})->UseRealTime()->MinTime(3.0);
+// One message per transaction: the dedup table shaped like idem's record (8, 24, 56), idem's
+// BEGIN as text and prepared (64, 192), its claim's RETURNING (256) and session timeouts
+// (512), and all of them together (504, 1016) -- what a speculative claim sends.
+BENCHMARK(BM_RawLadderCard)
+    ->ArgsProduct({{8, 24, 56, 64, 192, 256, 512, 504, 1016}, {1}})
+    ->UseRealTime()
+    ->MinTime(3.0);
 
 // IDEM_BENCH_PG_STATS=1: load pg_stat_statements (a restart) before the benchmarks.
 bool stats_wanted() {

@@ -173,6 +173,45 @@ TEST_F(PostgresInbox, HandlerEndingTheTransactionThroughNativeHandleIsAConfigErr
   EXPECT_EQ(cards(), 1);
 }
 
+TEST_F(PostgresInbox, AHandlersDeallocateAllCostsItsConnectionNotTheNextCalls) {
+  int runs = 0;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    ++runs;
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    if (m.payload == "deallocate") tx.exec("DEALLOCATE ALL");
+  });
+  EXPECT_EQ(consumer.consume({.key = "d-1", .payload = "deallocate"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "d-2", .payload = "p"}).outcome, Outcome::processed);
+  // In a batch, the next message's statement (prepared before) is gone: the call runs again.
+  std::vector<Message> batch{{.key = "d-3", .payload = "deallocate"},
+                             {.key = "d-4", .payload = "p"}};
+  for (const Result& result : consumer.consume_batch(batch)) {
+    EXPECT_EQ(result.outcome, Outcome::processed);
+  }
+  EXPECT_EQ(cards(), 4);
+  EXPECT_EQ(records(), 4);
+
+  // Through the raw handle idem cannot see it: the next call finds idem's statements missing,
+  // fails as unavailable (nothing recorded, nothing acked) and says why; the one after it
+  // runs on a fresh connection.
+  PostgresOptions one = options();
+  one.pool_size = 1;
+  PostgresStore store(one);
+  IdempotentConsumer native(store, [&](const Message& m, PostgresTx& tx) {
+    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
+    if (m.payload == "deallocate") PQclear(PQexec(tx.native_handle(), "DEALLOCATE ALL"));
+  });
+  EXPECT_EQ(native.consume({.key = "n-1", .payload = "deallocate"}).outcome, Outcome::processed);
+  try {
+    native.consume({.key = "n-2", .payload = "p"});
+    ADD_FAILURE() << "a call without idem's statements succeeded";
+  } catch (const idem::StoreUnavailable& e) {
+    EXPECT_NE(std::string(e.what()).find("DEALLOCATE ALL"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(native.consume({.key = "n-2", .payload = "p"}).outcome, Outcome::processed);
+  EXPECT_EQ(cards(), 6);
+}
+
 TEST_F(PostgresInbox, QueryAndNativeHandleRunInTheMessagesTransaction) {
   IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) -> std::string {
     tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});

@@ -259,6 +259,7 @@ ResultPtr Connection::finish_command(Deadline deadline, std::string_view what) {
     }
   }
   if (!kept) fail(what);
+  retire_if_statements_lost(kept.get());
   return kept;
 }
 
@@ -303,15 +304,27 @@ void Connection::queue(const Statement& statement, const Params& params, Origin 
   finished_.push_back(std::move(reply));
 }
 
-void Connection::forget_failed_user_statement(const Queued& queued, const Reply& reply) {
+void Connection::forget_failed_statement(const Queued& queued, const Reply& reply) {
   if (reply.ok()) return;
   // A prepare that failed or was skipped left no statement behind.
   if (!queued.prepared_key.empty()) user_statements_.erase(queued.prepared_key);
-  if (!queued.by_name || reply.skipped()) return;
-  // Gone (DEALLOCATE or DISCARD through the raw handle) or stale (the table changed under a
-  // statement whose result type it fixed): start over on a fresh connection.
-  const std::string state = sqlstate_of(reply.result.get());
-  if (state == "26000" || state == "0A000") broken_ = true;
+  if (reply.skipped()) return;
+  // A handler's prepared statement went stale (the table changed under a statement whose
+  // result type it fixed): start over on a fresh connection.
+  if (queued.by_name && sqlstate_of(reply.result.get()) == "0A000") broken_ = true;
+}
+
+void Connection::retire_if_statements_lost(const PGresult* result) {
+  // A handler's DEALLOCATE ALL dropped idem's prepared statements with its own, or one of them
+  // is missing (DEALLOCATE or DISCARD ALL through the raw handle): this connection is closed
+  // after the call instead of failing every later one.
+  if (PQresultStatus(result) == PGRES_COMMAND_OK) {
+    if (std::string_view(PQcmdStatus(const_cast<PGresult*>(result))) == "DEALLOCATE ALL") {
+      broken_ = true;
+    }
+  } else if (sqlstate_of(result) == kMissingStatement) {
+    broken_ = true;
+  }
 }
 
 std::vector<Reply> Connection::drain(Deadline deadline) {
@@ -328,7 +341,8 @@ std::vector<Reply> Connection::drain(Deadline deadline) {
     Reply reply{queued.origin, std::move(queued.what), nullptr};
     reply.result = next_result(deadline, reply.what);
     if (!reply.result) fail(reply.what);
-    forget_failed_user_statement(queued, reply);
+    retire_if_statements_lost(reply.result.get());
+    forget_failed_statement(queued, reply);
     // COPY cannot run in pipeline mode; libpq reports it as an error result.
     if (next_result(deadline, reply.what) != nullptr) {
       broken_ = true;

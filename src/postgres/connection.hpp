@@ -151,7 +151,8 @@ class Connection {
   ResultPtr finish_command(Deadline deadline, std::string_view what);
   void wait_socket(bool for_write, Deadline deadline, std::string_view what);
   struct Queued;
-  void forget_failed_user_statement(const Queued& queued, const Reply& reply);
+  void forget_failed_statement(const Queued& queued, const Reply& reply);
+  void retire_if_statements_lost(const PGresult* result);
 
   struct Queued {
     Origin origin;

@@ -214,6 +214,10 @@ std::string advice(std::string_view sqlstate) {
            "target_session_attrs=read-write";
   }
   if (sqlstate == "40P01" || sqlstate == "40001") return "a transient conflict: retry";
+  if (sqlstate == kMissingStatement) {
+    return "idem's prepared statements are gone from this connection (did a handler run "
+           "DEALLOCATE ALL or DISCARD through it?): the store closes it and opens another, retry";
+  }
   if (cls == "08" || sqlstate.empty()) {
     return "the connection to the server failed or was lost: retry later (the store reconnects "
            "by itself)";

@@ -28,6 +28,9 @@ std::string scrub(std::string text, const Target& target);
 /// The SQLSTATE of an error result; empty when there is none.
 std::string sqlstate_of(const PGresult* result);
 
+/// invalid_sql_statement_name: a prepared statement the connection no longer has.
+inline constexpr std::string_view kMissingStatement = "26000";
+
 /// The server's primary message (and detail) of an error result, without trailing newlines.
 std::string server_message(const PGresult* result);
 

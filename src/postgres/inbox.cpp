@@ -237,7 +237,7 @@ void PostgresSession::open_pending_savepoint() {
 
 void PostgresSession::begin() {
   if (may_defer_) conn_.enter_pipeline();
-  queue_text("BEGIN ISOLATION LEVEL READ COMMITTED", "beginning a transaction");
+  queue_idem(Sql::begin, Params{}, "beginning a transaction");
   open_ = true;
   if (kind_ == Kind::work) use_user_settings();
   if (!conn_.pipelined()) drain_ok();

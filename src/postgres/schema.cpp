@@ -73,6 +73,10 @@ Statements::Statements(const std::string& schema)
     sql_[static_cast<std::size_t>(which)] = std::move(sql);
   };
 
+  // READ COMMITTED whatever the session's default: the claims' ON CONFLICT and row-lock
+  // rechecks rely on it (a newer snapshot per statement, no serialization failures).
+  set(Sql::begin, "BEGIN ISOLATION LEVEL READ COMMITTED");
+
   // One statement claims any number of distinct keys (the caller removes repeats):
   // - ins inserts the keys that have no record (ON CONFLICT DO NOTHING: under READ COMMITTED
   //   it waits for a transaction that is inserting or changing the same key, up to
@@ -231,11 +235,11 @@ FROM req LEFT JOIN upd ON upd.key = req.key LEFT JOIN ins ON ins.key = req.key)s
 
 const char* Statements::name(Sql which) noexcept {
   static constexpr const char* kNames[kSqlCount] = {
-      "idem_claim",      "idem_claim_one",   "idem_claim_new",    "idem_complete",
-      "idem_release",    "idem_forget",      "idem_undo",         "idem_response",
-      "idem_inspect",    "idem_stats",       "idem_save_offsets", "idem_offsets",
-      "idem_purge_step", "idem_purge_gated", "idem_purge_lock",   "idem_purge_unlock",
-      "idem_held",       "idem_wait_lock",   "idem_wait_unlock"};
+      "idem_begin",        "idem_claim",      "idem_claim_one",   "idem_claim_new",
+      "idem_complete",     "idem_release",    "idem_forget",      "idem_undo",
+      "idem_response",     "idem_inspect",    "idem_stats",       "idem_save_offsets",
+      "idem_offsets",      "idem_purge_step", "idem_purge_gated", "idem_purge_lock",
+      "idem_purge_unlock", "idem_held",       "idem_wait_lock",   "idem_wait_unlock"};
   return kNames[static_cast<std::size_t>(which)];
 }
 

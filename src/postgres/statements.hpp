@@ -12,6 +12,7 @@ namespace idem::detail::pg {
 
 /// idem's statements, prepared on every connection under the names "idem_<n>".
 enum class Sql : std::size_t {
+  begin,         // every transaction's BEGIN (prepared: parsed once per connection)
   claim,         // set-based claim; see schema.cpp
   claim_one,     // the same for one key, with scalar parameters (a plan the cache can keep)
   claim_new,     // one key that must be new (a plain INSERT: unique_violation otherwise)
