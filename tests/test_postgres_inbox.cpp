@@ -173,31 +173,44 @@ TEST_F(PostgresInbox, HandlerEndingTheTransactionThroughNativeHandleIsAConfigErr
   EXPECT_EQ(cards(), 1);
 }
 
-TEST_F(PostgresInbox, AHandlersDeallocateAllCostsItsConnectionNotTheNextCalls) {
-  int runs = 0;
-  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
-    ++runs;
-    tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
-    if (m.payload == "deallocate") tx.exec("DEALLOCATE ALL");
-  });
-  EXPECT_EQ(consumer.consume({.key = "d-1", .payload = "deallocate"}).outcome, Outcome::processed);
-  EXPECT_EQ(consumer.consume({.key = "d-2", .payload = "p"}).outcome, Outcome::processed);
-  // In a batch, the next message's statement (prepared before) is gone: the call runs again.
-  std::vector<Message> batch{{.key = "d-3", .payload = "deallocate"},
-                             {.key = "d-4", .payload = "p"}};
-  for (const Result& result : consumer.consume_batch(batch)) {
-    EXPECT_EQ(result.outcome, Outcome::processed);
+TEST_F(PostgresInbox, DeallocateAllIsRefusedThroughTheTxAndCostsOnlyOneCallThroughTheRawHandle) {
+  // Through the tx: it would drop idem's prepared statements too, so it is refused like COMMIT.
+  for (const std::string sql :
+       {"DEALLOCATE ALL", "deallocate prepare all", "/* x */ DEALLOCATE ALL"}) {
+    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+      tx.exec(sql);
+    });
+    try {
+      consumer.consume({.key = "k-" + sql, .payload = "p"});
+      ADD_FAILURE() << "accepted: " << sql;
+    } catch (const idem::ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("would drop idem's prepared statements"),
+                std::string::npos)
+          << e.what();
+    }
   }
-  EXPECT_EQ(cards(), 4);
-  EXPECT_EQ(records(), 4);
+  EXPECT_EQ(cards(), 0);
+  EXPECT_EQ(records(), 0);
+  // A handler's own statements are its own to deallocate.
+  IdempotentConsumer own(store_, [&](const Message&, PostgresTx& tx) {
+    tx.exec("PREPARE mine AS SELECT 1");
+    tx.exec("DEALLOCATE mine");
+  });
+  EXPECT_EQ(own.consume({.key = "own", .payload = "p"}).outcome, Outcome::processed);
 
-  // Through the raw handle idem cannot see it: the next call finds idem's statements missing,
-  // fails as unavailable (nothing recorded, nothing acked) and says why; the one after it
-  // runs on a fresh connection.
+  // Through the raw handle idem cannot see it: the next call on that connection finds idem's
+  // statements missing, fails as unavailable (nothing recorded, nothing acked) and says why;
+  // the connection is closed, and the call after it runs on a fresh one.
   PostgresOptions one = options();
   one.pool_size = 1;
   PostgresStore store(one);
+  int runs = 0;
+  std::vector<std::int64_t> backends;
   IdempotentConsumer native(store, [&](const Message& m, PostgresTx& tx) {
+    ++runs;
+    backends.push_back(tx.query("SELECT pg_backend_pid()").int64(0, 0));
     tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload, PostgresBytes{m.key});
     if (m.payload == "deallocate") PQclear(PQexec(tx.native_handle(), "DEALLOCATE ALL"));
   });
@@ -206,10 +219,18 @@ TEST_F(PostgresInbox, AHandlersDeallocateAllCostsItsConnectionNotTheNextCalls) {
     native.consume({.key = "n-2", .payload = "p"});
     ADD_FAILURE() << "a call without idem's statements succeeded";
   } catch (const idem::StoreUnavailable& e) {
-    EXPECT_NE(std::string(e.what()).find("DEALLOCATE ALL"), std::string::npos) << e.what();
+    const std::string what = e.what();
+    EXPECT_NE(what.find("SQLSTATE 26000"), std::string::npos) << what;
+    EXPECT_NE(what.find("DEALLOCATE ALL"), std::string::npos) << what;
+    EXPECT_NE(what.find("do not ack"), std::string::npos) << what;
   }
+  EXPECT_EQ(records(), 2);  // own and n-1
   EXPECT_EQ(native.consume({.key = "n-2", .payload = "p"}).outcome, Outcome::processed);
-  EXPECT_EQ(cards(), 6);
+  EXPECT_EQ(records(), 3);
+  EXPECT_EQ(cards(), 2);
+  EXPECT_EQ(runs, 2);  // the failed call never reached its handler: BEGIN was refused
+  ASSERT_EQ(backends.size(), 2u);
+  EXPECT_NE(backends.front(), backends.back());
 }
 
 TEST_F(PostgresInbox, QueryAndNativeHandleRunInTheMessagesTransaction) {

@@ -259,7 +259,7 @@ ResultPtr Connection::finish_command(Deadline deadline, std::string_view what) {
     }
   }
   if (!kept) fail(what);
-  retire_if_statements_lost(kept.get());
+  retire_if_statement_missing(kept.get());
   return kept;
 }
 
@@ -314,17 +314,10 @@ void Connection::forget_failed_statement(const Queued& queued, const Reply& repl
   if (queued.by_name && sqlstate_of(reply.result.get()) == "0A000") broken_ = true;
 }
 
-void Connection::retire_if_statements_lost(const PGresult* result) {
-  // A handler's DEALLOCATE ALL dropped idem's prepared statements with its own, or one of them
-  // is missing (DEALLOCATE or DISCARD ALL through the raw handle): this connection is closed
-  // after the call instead of failing every later one.
-  if (PQresultStatus(result) == PGRES_COMMAND_OK) {
-    if (std::string_view(PQcmdStatus(const_cast<PGresult*>(result))) == "DEALLOCATE ALL") {
-      broken_ = true;
-    }
-  } else if (sqlstate_of(result) == kMissingStatement) {
-    broken_ = true;
-  }
+void Connection::retire_if_statement_missing(const PGresult* result) {
+  // A prepared statement, idem's or a handler's, is gone (DEALLOCATE through the raw handle):
+  // this connection is closed after the call instead of failing every later one.
+  if (sqlstate_of(result) == kMissingStatement) broken_ = true;
 }
 
 std::vector<Reply> Connection::drain(Deadline deadline) {
@@ -341,7 +334,7 @@ std::vector<Reply> Connection::drain(Deadline deadline) {
     Reply reply{queued.origin, std::move(queued.what), nullptr};
     reply.result = next_result(deadline, reply.what);
     if (!reply.result) fail(reply.what);
-    retire_if_statements_lost(reply.result.get());
+    retire_if_statement_missing(reply.result.get());
     forget_failed_statement(queued, reply);
     // COPY cannot run in pipeline mode; libpq reports it as an error result.
     if (next_result(deadline, reply.what) != nullptr) {

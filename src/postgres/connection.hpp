@@ -152,7 +152,7 @@ class Connection {
   void wait_socket(bool for_write, Deadline deadline, std::string_view what);
   struct Queued;
   void forget_failed_statement(const Queued& queued, const Reply& reply);
-  void retire_if_statements_lost(const PGresult* result);
+  void retire_if_statement_missing(const PGresult* result);
 
   struct Queued {
     Origin origin;

@@ -175,6 +175,11 @@ bool unavailable_state(PGconn* conn, std::string_view sqlstate) {
          sqlstate == "57P02" || sqlstate == "57P03" || sqlstate == "57P04" || sqlstate == "25006";
 }
 
+bool stale_or_missing(const PGresult* result) {
+  const std::string state = sqlstate_of(result);
+  return state == "0A000" || state == kMissingStatement;
+}
+
 std::string advice(std::string_view sqlstate) {
   const std::string_view cls = sqlstate.substr(0, std::min<std::size_t>(2, sqlstate.size()));
   if (sqlstate == "28P01" || sqlstate == "28000") {
@@ -216,7 +221,8 @@ std::string advice(std::string_view sqlstate) {
   if (sqlstate == "40P01" || sqlstate == "40001") return "a transient conflict: retry";
   if (sqlstate == kMissingStatement) {
     return "idem's prepared statements are gone from this connection (did a handler run "
-           "DEALLOCATE ALL or DISCARD through it?): the store closes it and opens another, retry";
+           "DEALLOCATE ALL through native_handle()?): the store closes it and opens another; "
+           "retry";
   }
   if (cls == "08" || sqlstate.empty()) {
     return "the connection to the server failed or was lost: retry later (the store reconnects "

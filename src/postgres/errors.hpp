@@ -31,6 +31,10 @@ std::string sqlstate_of(const PGresult* result);
 /// invalid_sql_statement_name: a prepared statement the connection no longer has.
 inline constexpr std::string_view kMissingStatement = "26000";
 
+/// A prepared statement that went stale (0A000: a table it reads changed its result type) or
+/// is missing (26000): the connection's fault, not the statement's.
+bool stale_or_missing(const PGresult* result);
+
 /// The server's primary message (and detail) of an error result, without trailing newlines.
 std::string server_message(const PGresult* result);
 

@@ -84,6 +84,14 @@ bool ends_transaction(std::string_view sql) {
   return false;
 }
 
+// DEALLOCATE ALL drops idem's prepared statements along with the handler's own.
+bool drops_all_prepared(std::string_view sql) {
+  if (next_keyword(sql) != "DEALLOCATE") return false;
+  std::string next = next_keyword(sql);
+  if (next == "PREPARE") next = next_keyword(sql);
+  return next == "ALL";
+}
+
 }  // namespace
 
 PostgresSession::PostgresSession(PostgresStore::Impl& impl, pg::Lease lease, InboxMode mode,
@@ -543,7 +551,7 @@ PGconn* PostgresSession::native_handle() {
   return conn_.get();
 }
 
-void PostgresSession::user_exec(std::string_view sql, std::span<const PostgresParam> params) {
+void PostgresSession::refuse_session_control(std::string_view sql) const {
   if (ends_transaction(sql)) {
     throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) +
                       "\" would end idem's transaction (or begin another): a handler must not "
@@ -551,6 +559,15 @@ void PostgresSession::user_exec(std::string_view sql, std::span<const PostgresPa
                       "the dedup record; SAVEPOINT and ROLLBACK TO SAVEPOINT of your own are "
                       "fine. Nothing was sent or committed");
   }
+  if (drops_all_prepared(sql)) {
+    throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) +
+                      "\" would drop idem's prepared statements along with yours: DEALLOCATE "
+                      "your own by name. Nothing was sent or committed");
+  }
+}
+
+void PostgresSession::user_exec(std::string_view sql, std::span<const PostgresParam> params) {
+  refuse_session_control(sql);
   refuse_if_deferred_failed();
   if (!open_) {
     throw ConfigError(conn_.target().label +
@@ -574,11 +591,7 @@ void PostgresSession::user_exec(std::string_view sql, std::span<const PostgresPa
 
 pg::ResultPtr PostgresSession::user_query(std::string_view sql,
                                           std::span<const PostgresParam> params) {
-  if (ends_transaction(sql)) {
-    throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) +
-                      "\" would end idem's transaction (or begin another): a handler must not "
-                      "COMMIT, ROLLBACK, BEGIN or RELEASE it; nothing was sent or committed");
-  }
+  refuse_session_control(sql);
   refuse_if_deferred_failed();
   if (!open_) {
     throw ConfigError(conn_.target().label +
@@ -595,9 +608,11 @@ pg::ResultPtr PostgresSession::user_query(std::string_view sql,
   for (const Reply& reply : replies) {
     if (reply.ok() || reply.skipped()) continue;
     if (reply.origin == Origin::idem) fail_on(reply);
-    if (statement.prepared != nullptr && conn_.broken()) {
-      // The statement prepared on this connection went stale (a table it reads changed):
-      // not the handler's error; the call runs again with the statement sent as text.
+    if (statement.prepared != nullptr && conn_.broken() &&
+        pg::stale_or_missing(reply.result.get())) {
+      // The statement prepared on this connection went stale (a table it reads changed) or is
+      // gone (dropped through the raw handle): not the handler's error; the call runs again,
+      // on another connection, with the statement sent as text.
       throw InboxRetryWithoutDeferral(conn_.target().label + ": the handler's prepared \"" +
                                       pg::shown(sql) +
                                       "\" went stale: " + pg::server_message(reply.result.get()));

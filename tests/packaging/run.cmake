@@ -17,6 +17,9 @@ set(configure_args -G ${GENERATOR} -DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}
                    -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DCMAKE_BUILD_TYPE=${BUILD_TYPE}
                    "-DCMAKE_CXX_FLAGS=${EXTRA_FLAGS}"
                    "-DCMAKE_EXE_LINKER_FLAGS=${EXTRA_FLAGS}")
+if(GTEST_DIR)
+  list(APPEND configure_args -DGTest_DIR=${GTEST_DIR})
+endif()
 
 if(MODE STREQUAL "find_package")
   set(prefix ${WORK_DIR}/prefix)
