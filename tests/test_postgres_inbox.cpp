@@ -27,6 +27,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -91,6 +92,21 @@ class PostgresInbox : public ::testing::Test {
     });
   }
 
+  // A handler that inserts a card and then runs sql: the call throws ConfigError saying why.
+  void expect_refused(const std::string& sql, std::string_view why) {
+    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
+              PostgresBytes{m.key});
+      tx.exec(sql);
+    });
+    try {
+      consumer.consume({.key = "k-" + sql, .payload = "p"});
+      ADD_FAILURE() << "accepted: " << sql;
+    } catch (const idem::ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+    }
+  }
+
   std::string schema_;
   std::string cards_ = schema_ + ".cards";
   PostgresStore store_;
@@ -127,20 +143,7 @@ TEST_F(PostgresInbox, TransactionControlThroughTheTxIsAConfigErrorAndNothingComm
                                          "PREPARE TRANSACTION 'x'",
                                          "COMMIT PREPARED 'x'",
                                          "ROLLBACK PREPARED 'x'"};
-  for (const std::string& sql : refused) {
-    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
-      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
-              PostgresBytes{m.key});
-      tx.exec(sql);
-    });
-    try {
-      consumer.consume({.key = "k-" + sql, .payload = "p"});
-      ADD_FAILURE() << "accepted: " << sql;
-    } catch (const idem::ConfigError& e) {
-      EXPECT_NE(std::string(e.what()).find("would end idem's transaction"), std::string::npos)
-          << e.what();
-    }
-  }
+  for (const std::string& sql : refused) expect_refused(sql, "would end idem's transaction");
   IdempotentConsumer querying(store_,
                               [](const Message&, PostgresTx& tx) { (void)tx.query("COMMIT"); });
   EXPECT_THROW(querying.consume({.key = "query", .payload = "p"}), idem::ConfigError);
@@ -177,19 +180,7 @@ TEST_F(PostgresInbox, DeallocateAllIsRefusedThroughTheTxAndCostsOnlyOneCallThrou
   // Through the tx: it would drop idem's prepared statements too, so it is refused like COMMIT.
   for (const std::string sql :
        {"DEALLOCATE ALL", "deallocate prepare all", "/* x */ DEALLOCATE ALL"}) {
-    IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
-      tx.exec("INSERT INTO " + cards_ + "(msg, key) VALUES($1, $2)", m.payload,
-              PostgresBytes{m.key});
-      tx.exec(sql);
-    });
-    try {
-      consumer.consume({.key = "k-" + sql, .payload = "p"});
-      ADD_FAILURE() << "accepted: " << sql;
-    } catch (const idem::ConfigError& e) {
-      EXPECT_NE(std::string(e.what()).find("would drop idem's prepared statements"),
-                std::string::npos)
-          << e.what();
-    }
+    expect_refused(sql, "would drop idem's prepared statements");
   }
   EXPECT_EQ(cards(), 0);
   EXPECT_EQ(records(), 0);
