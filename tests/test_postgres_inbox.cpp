@@ -176,6 +176,35 @@ TEST_F(PostgresInbox, HandlerEndingTheTransactionThroughNativeHandleIsAConfigErr
   EXPECT_EQ(cards(), 1);
 }
 
+TEST_F(PostgresInbox, SessionSettingsAreRefusedThroughTheTxSetLocalIsFine) {
+  // They would outlive the message on a pooled connection: reach the next handler, and
+  // idem's claims (lock_timeout 0 would let a claim wait for a whole handler).
+  for (const std::string sql :
+       {"SET lock_timeout = 0", "set session statement_timeout to 0", "SET search_path TO public",
+        "RESET ALL", "reset lock_timeout", "SET ROLE NONE",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION "
+        "ISOLATION LEVEL SERIALIZABLE",
+        "SET TIME ZONE 'UTC'"}) {
+    expect_refused(sql, "would change the session");
+  }
+  EXPECT_EQ(cards(), 0);
+  EXPECT_EQ(records(), 0);
+  std::vector<std::string> seen;
+  IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
+    seen.emplace_back(tx.query("SELECT current_setting('search_path')").text(0, 0));
+    if (m.payload == "set") {
+      tx.exec("SET LOCAL search_path TO pg_catalog");
+      tx.exec("SET CONSTRAINTS ALL DEFERRED");
+      seen.emplace_back(tx.query("SELECT current_setting('search_path')").text(0, 0));
+    }
+  });
+  EXPECT_EQ(consumer.consume({.key = "local-1", .payload = "set"}).outcome, Outcome::processed);
+  EXPECT_EQ(consumer.consume({.key = "local-2", .payload = "p"}).outcome, Outcome::processed);
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen[1], "pg_catalog");
+  EXPECT_EQ(seen[2], seen[0]);  // gone with the commit
+}
+
 TEST_F(PostgresInbox, DeallocateAllIsRefusedThroughTheTxAndCostsOnlyOneCallThroughTheRawHandle) {
   // Through the tx: it would drop idem's prepared statements too, so it is refused like COMMIT.
   for (const std::string sql :

@@ -417,6 +417,41 @@ std::string unavailable_message(F make) {
   return {};
 }
 
+// Another instance creating the tables holds the creation lock (advisory class 1768187244, see
+// src/postgres/schema.cpp): a creator waits for it past lock_wait, up to statement_timeout.
+TEST(PostgresSchema, ACreatorWaitsForAnotherPastLockWaitUpToStatementTimeout) {
+  RawDb holder(server().conninfo());
+  auto lock = [&](const std::string& schema, const char* how) {
+    holder.exec(std::string("SELECT pg_advisory_") + how + "(1768187244, hashtext('" + schema +
+                "'))");
+  };
+  const std::string slow = fresh_schema();
+  lock(slow, "lock");
+  std::thread release([&] {
+    std::this_thread::sleep_for(700ms);  // lock_wait is 200 ms
+    lock(slow, "unlock");
+  });
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    PostgresStore store(options_for(slow));
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 600ms);
+    EXPECT_EQ(store.claim(ClaimRequest{.key = "k"}).status, ClaimStatus::acquired);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  release.join();
+
+  const std::string stuck = fresh_schema();
+  lock(stuck, "lock");
+  PostgresOptions options = options_for(stuck);
+  options.statement_timeout = 1s;
+  const std::string message = unavailable_message([&] { PostgresStore store(options); });
+  EXPECT_NE(message.find("creat"), std::string::npos) << message;
+  EXPECT_NE(message.find("statement_timeout"), std::string::npos) << message;
+  lock(stuck, "unlock");
+  PostgresStore store(options);  // free again
+}
+
 TEST(PostgresConnect, WrongPortWrongPasswordUnknownDatabaseAreClearAndNeverShowThePassword) {
   const std::string port = std::to_string(server().port());
   const auto start = std::chrono::steady_clock::now();

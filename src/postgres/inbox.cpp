@@ -84,6 +84,18 @@ bool ends_transaction(std::string_view sql) {
   return false;
 }
 
+// Session-level settings (SET, SET SESSION, RESET) outlive idem's transaction: on a pooled
+// connection they would reach later messages' handlers and idem's own statements (whose
+// lock_timeout bounds a claim's wait). SET LOCAL, SET CONSTRAINTS and SET TRANSACTION end
+// with the transaction.
+bool sets_session(std::string_view sql) {
+  const std::string first = next_keyword(sql);
+  if (first == "RESET") return true;
+  if (first != "SET") return false;
+  const std::string next = next_keyword(sql);
+  return next != "LOCAL" && next != "CONSTRAINTS" && next != "TRANSACTION";
+}
+
 // DEALLOCATE ALL drops idem's prepared statements along with the handler's own.
 bool drops_all_prepared(std::string_view sql) {
   if (next_keyword(sql) != "DEALLOCATE") return false;
@@ -552,18 +564,23 @@ PGconn* PostgresSession::native_handle() {
 }
 
 void PostgresSession::refuse_session_control(std::string_view sql) const {
+  const char* why = nullptr;
   if (ends_transaction(sql)) {
-    throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) +
-                      "\" would end idem's transaction (or begin another): a handler must not "
-                      "COMMIT, ROLLBACK, BEGIN or RELEASE it, its writes commit together with "
-                      "the dedup record; SAVEPOINT and ROLLBACK TO SAVEPOINT of your own are "
-                      "fine. Nothing was sent or committed");
+    why =
+        "would end idem's transaction (or begin another): a handler must not COMMIT, ROLLBACK, "
+        "BEGIN or RELEASE it, its writes commit together with the dedup record; SAVEPOINT and "
+        "ROLLBACK TO SAVEPOINT of your own are fine";
+  } else if (sets_session(sql)) {
+    why =
+        "would change the session, which outlives idem's transaction: on a pooled connection it "
+        "would reach later messages' handlers and idem's own statements; use SET LOCAL, which "
+        "lasts until idem's commit";
+  } else if (drops_all_prepared(sql)) {
+    why = "would drop idem's prepared statements along with yours: DEALLOCATE your own by name";
   }
-  if (drops_all_prepared(sql)) {
-    throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) +
-                      "\" would drop idem's prepared statements along with yours: DEALLOCATE "
-                      "your own by name. Nothing was sent or committed");
-  }
+  if (why == nullptr) return;
+  throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) + "\" " + why +
+                    ". Nothing was sent or committed");
 }
 
 void PostgresSession::user_exec(std::string_view sql, std::span<const PostgresParam> params) {

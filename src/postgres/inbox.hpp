@@ -77,8 +77,8 @@ class PostgresSession final : public InboxTransaction {
   void use_idem_settings();
   void use_user_settings();
   void refuse_if_deferred_failed() const;
-  // ConfigError for a handler's statement that would end idem's transaction or drop its
-  // prepared statements.
+  // ConfigError for a handler's statement that would end idem's transaction, change the
+  // session or drop idem's prepared statements.
   void refuse_session_control(std::string_view sql) const;
   // The answer to a speculative claim, from the replies of the drain that carried it: the
   // token, or the end of this attempt (the key is not new, or the server is gone).

@@ -353,6 +353,16 @@ void check_version(Connection& conn, std::optional<std::int64_t> version) {
 
 [[noreturn]] void creation_failed(Connection& conn, const PGresult* result) {
   const std::string state = sqlstate_of(result);
+  if (state == "55P03") {
+    throw PostgresUnavailable(
+        conn.target().label +
+            ": waiting for the table-creation lock failed (SQLSTATE 55P03): another instance "
+            "kept creating idem's tables in this schema for longer than "
+            "PostgresOptions::statement_timeout (" +
+            ms_setting(conn.settings().statement_timeout) +
+            "), or a migration holds locks on them; retry later",
+        state);
+  }
   if (state == "42501") {
     throw ConfigError(conn.target().label +
                       ": the user may not create idem's schema or "
@@ -388,6 +398,14 @@ void ensure_schema(Connection& conn) {
   };
   run("BEGIN ISOLATION LEVEL READ COMMITTED");
   try {
+    // The session's lock_timeout is lock_wait, a bound for a key's record; another instance
+    // creating the tables may take longer than that on a busy server: wait up to
+    // statement_timeout for it instead.
+    Params timeout;
+    timeout.text(ms_setting(conn.settings().statement_timeout));
+    ResultPtr waits = conn.run(Statement::text("SELECT set_config('lock_timeout', $1, true)"),
+                               timeout, "creating idem's tables", deadline);
+    if (PQresultStatus(waits.get()) != PGRES_TUPLES_OK) creation_failed(conn, waits.get());
     Params params;
     params.text(conn.statements().schema_name());
     ResultPtr locked = conn.run(Statement::text(std::string("SELECT pg_advisory_xact_lock(") +
