@@ -142,7 +142,8 @@ TEST_F(PostgresInbox, TransactionControlThroughTheTxIsAConfigErrorAndNothingComm
                                          "RELEASE SAVEPOINT idem_message",
                                          "PREPARE TRANSACTION 'x'",
                                          "COMMIT PREPARED 'x'",
-                                         "ROLLBACK PREPARED 'x'"};
+                                         "ROLLBACK PREPARED 'x'",
+                                         " ; COMMIT"};
   for (const std::string& sql : refused) expect_refused(sql, "would end idem's transaction");
   IdempotentConsumer querying(store_,
                               [](const Message&, PostgresTx& tx) { (void)tx.query("COMMIT"); });
@@ -184,8 +185,12 @@ TEST_F(PostgresInbox, SessionSettingsAreRefusedThroughTheTxSetLocalIsFine) {
         "RESET ALL", "reset lock_timeout", "SET ROLE NONE",
         "SET SESSION CHARACTERISTICS AS TRANSACTION "
         "ISOLATION LEVEL SERIALIZABLE",
-        "SET TIME ZONE 'UTC'"}) {
+        "SET TIME ZONE 'UTC'", ";SET lock_timeout = 0"}) {
     expect_refused(sql, "would change the session");
+  }
+  for (const std::string sql :
+       {"SET TRANSACTION READ ONLY", "set transaction isolation level serializable"}) {
+    expect_refused(sql, "would change idem's transaction");
   }
   EXPECT_EQ(cards(), 0);
   EXPECT_EQ(records(), 0);
@@ -193,7 +198,7 @@ TEST_F(PostgresInbox, SessionSettingsAreRefusedThroughTheTxSetLocalIsFine) {
   IdempotentConsumer consumer(store_, [&](const Message& m, PostgresTx& tx) {
     seen.emplace_back(tx.query("SELECT current_setting('search_path')").text(0, 0));
     if (m.payload == "set") {
-      tx.exec("SET LOCAL search_path TO pg_catalog");
+      tx.exec("SET/* mine */LOCAL search_path TO pg_catalog");
       tx.exec("SET CONSTRAINTS ALL DEFERRED");
       seen.emplace_back(tx.query("SELECT current_setting('search_path')").text(0, 0));
     }
@@ -220,6 +225,18 @@ TEST_F(PostgresInbox, DeallocateAllIsRefusedThroughTheTxAndCostsOnlyOneCallThrou
   });
   EXPECT_EQ(own.consume({.key = "own", .payload = "p"}).outcome, Outcome::processed);
 
+  // A handler's EXECUTE of a name of its own that does not exist is its own error: the
+  // connection stays (the same backend serves the next call).
+  std::vector<std::int64_t> pids;
+  IdempotentConsumer typo(store_, [&](const Message& m, PostgresTx& tx) {
+    pids.push_back(tx.query("SELECT pg_backend_pid()").int64(0, 0));
+    if (m.payload == "typo") tx.exec("EXECUTE no_such_statement");
+  });
+  EXPECT_EQ(typo.consume({.key = "typo", .payload = "typo"}).outcome, Outcome::failed);
+  EXPECT_EQ(typo.consume({.key = "after-typo", .payload = "p"}).outcome, Outcome::processed);
+  ASSERT_GE(pids.size(), 2u);
+  EXPECT_EQ(pids.front(), pids.back());
+
   // Through the raw handle idem cannot see it: the next call on that connection finds idem's
   // statements missing, fails as unavailable (nothing recorded, nothing acked) and says why;
   // the connection is closed, and the call after it runs on a fresh one.
@@ -244,9 +261,9 @@ TEST_F(PostgresInbox, DeallocateAllIsRefusedThroughTheTxAndCostsOnlyOneCallThrou
     EXPECT_NE(what.find("DEALLOCATE ALL"), std::string::npos) << what;
     EXPECT_NE(what.find("do not ack"), std::string::npos) << what;
   }
-  EXPECT_EQ(records(), 2);  // own and n-1
+  EXPECT_EQ(records(), 3);  // own, after-typo and n-1
   EXPECT_EQ(native.consume({.key = "n-2", .payload = "p"}).outcome, Outcome::processed);
-  EXPECT_EQ(records(), 3);
+  EXPECT_EQ(records(), 4);
   EXPECT_EQ(cards(), 2);
   EXPECT_EQ(runs, 2);  // the failed call never reached its handler: BEGIN was refused
   ASSERT_EQ(backends.size(), 2u);

@@ -315,9 +315,9 @@ void Connection::forget_failed_statement(const Queued& queued, const Reply& repl
 }
 
 void Connection::retire_if_statement_missing(const PGresult* result) {
-  // A prepared statement, idem's or a handler's, is gone (DEALLOCATE through the raw handle):
-  // this connection is closed after the call instead of failing every later one.
-  if (sqlstate_of(result) == kMissingStatement) broken_ = true;
+  // A statement idem prepared, its own or a handler's, is gone (DEALLOCATE through the raw
+  // handle): this connection is closed after the call instead of failing every later one.
+  if (names_missing_idem_statement(result)) broken_ = true;
 }
 
 std::vector<Reply> Connection::drain(Deadline deadline) {

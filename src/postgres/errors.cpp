@@ -175,9 +175,13 @@ bool unavailable_state(PGconn* conn, std::string_view sqlstate) {
          sqlstate == "57P02" || sqlstate == "57P03" || sqlstate == "57P04" || sqlstate == "25006";
 }
 
+bool names_missing_idem_statement(const PGresult* result) {
+  return sqlstate_of(result) == kMissingStatement &&
+         server_message(result).find("idem_") != std::string::npos;  // any lc_messages
+}
+
 bool stale_or_missing(const PGresult* result) {
-  const std::string state = sqlstate_of(result);
-  return state == "0A000" || state == kMissingStatement;
+  return sqlstate_of(result) == "0A000" || names_missing_idem_statement(result);
 }
 
 std::string advice(std::string_view sqlstate) {

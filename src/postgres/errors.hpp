@@ -31,8 +31,12 @@ std::string sqlstate_of(const PGresult* result);
 /// invalid_sql_statement_name: a prepared statement the connection no longer has.
 inline constexpr std::string_view kMissingStatement = "26000";
 
+/// 26000 naming one of the statements idem prepares (idem_...), idem's own or a handler's it
+/// prepared; not a handler's EXECUTE of a name of its own.
+bool names_missing_idem_statement(const PGresult* result);
+
 /// A prepared statement that went stale (0A000: a table it reads changed its result type) or
-/// is missing (26000): the connection's fault, not the statement's.
+/// that idem prepared and is missing: the connection's fault, not the statement's.
 bool stale_or_missing(const PGresult* result);
 
 /// The server's primary message (and detail) of an error result, without trailing newlines.

@@ -23,11 +23,15 @@ using pg::Reply;
 using pg::Sql;
 using pg::Statement;
 
-// Skips whitespace, -- comments and (nested) /* */ comments.
+// Skips whitespace, empty statements (the server ignores a leading ";"), -- comments and
+// (nested) /* */ comments.
 std::string_view skip_blank(std::string_view sql) {
   for (;;) {
     std::size_t i = 0;
-    while (i < sql.size() && std::isspace(static_cast<unsigned char>(sql[i])) != 0) ++i;
+    while (i < sql.size() &&
+           (std::isspace(static_cast<unsigned char>(sql[i])) != 0 || sql[i] == ';')) {
+      ++i;
+    }
     sql.remove_prefix(i);
     if (sql.rfind("--", 0) == 0) {
       const std::size_t end = sql.find('\n');
@@ -86,14 +90,20 @@ bool ends_transaction(std::string_view sql) {
 
 // Session-level settings (SET, SET SESSION, RESET) outlive idem's transaction: on a pooled
 // connection they would reach later messages' handlers and idem's own statements (whose
-// lock_timeout bounds a claim's wait). SET LOCAL, SET CONSTRAINTS and SET TRANSACTION end
-// with the transaction.
+// lock_timeout bounds a claim's wait). SET LOCAL and SET CONSTRAINTS end with the
+// transaction; SET TRANSACTION is refused as changing idem's transaction.
 bool sets_session(std::string_view sql) {
   const std::string first = next_keyword(sql);
   if (first == "RESET") return true;
   if (first != "SET") return false;
   const std::string next = next_keyword(sql);
   return next != "LOCAL" && next != "CONSTRAINTS" && next != "TRANSACTION";
+}
+
+// SET TRANSACTION: READ ONLY would make idem's own writes later in the transaction fail, and
+// an isolation level or snapshot can no longer be set once statements ran.
+bool sets_transaction(std::string_view sql) {
+  return next_keyword(sql) == "SET" && next_keyword(sql) == "TRANSACTION";
 }
 
 // DEALLOCATE ALL drops idem's prepared statements along with the handler's own.
@@ -575,6 +585,11 @@ void PostgresSession::refuse_session_control(std::string_view sql) const {
         "would change the session, which outlives idem's transaction: on a pooled connection it "
         "would reach later messages' handlers and idem's own statements; use SET LOCAL, which "
         "lasts until idem's commit";
+  } else if (sets_transaction(sql)) {
+    why =
+        "would change idem's transaction, which idem runs READ COMMITTED and read-write and "
+        "needs so (its record is written in it); set what you need per statement, or use "
+        "SET LOCAL for settings";
   } else if (drops_all_prepared(sql)) {
     why = "would drop idem's prepared statements along with yours: DEALLOCATE your own by name";
   }

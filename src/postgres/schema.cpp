@@ -1,5 +1,7 @@
 // idem's tables, their statements, and the start-up check that creates what is missing.
 
+#include <chrono>
+#include <optional>
 #include <string>
 
 #include "connection.hpp"
@@ -354,14 +356,11 @@ void check_version(Connection& conn, std::optional<std::int64_t> version) {
 [[noreturn]] void creation_failed(Connection& conn, const PGresult* result) {
   const std::string state = sqlstate_of(result);
   if (state == "55P03") {
-    throw PostgresUnavailable(
-        conn.target().label +
-            ": waiting for the table-creation lock failed (SQLSTATE 55P03): another instance "
-            "kept creating idem's tables in this schema for longer than "
-            "PostgresOptions::statement_timeout (" +
-            ms_setting(conn.settings().statement_timeout) +
-            "), or a migration holds locks on them; retry later",
-        state);
+    throw PostgresUnavailable(conn.target().label +
+                                  ": creating idem's tables failed (SQLSTATE 55P03): another "
+                                  "session held a lock on them for longer than "
+                                  "PostgresOptions::lock_wait (a migration?); retry later",
+                              state);
   }
   if (state == "42501") {
     throw ConfigError(conn.target().label +
@@ -372,6 +371,19 @@ void check_version(Connection& conn, std::optional<std::int64_t> version) {
                       "lists the statements), or grant CREATE on the database");
   }
   throw_idem_error(conn.target(), "creating idem's tables", conn.get(), result);
+}
+
+// The wait for the table-creation lock ran out (lock_timeout or statement_timeout, both
+// statement_timeout there).
+[[noreturn]] void creation_lock_failed(Connection& conn, const PGresult* result) {
+  const std::string state = sqlstate_of(result);
+  if (state != "55P03" && state != "57014") creation_failed(conn, result);
+  throw PostgresUnavailable(
+      conn.target().label + ": waiting for the table-creation lock failed (SQLSTATE " + state +
+          "): another instance kept creating idem's tables in this schema for longer than "
+          "PostgresOptions::statement_timeout (" +
+          ms_setting(conn.settings().statement_timeout) + "); retry later",
+      state);
 }
 
 }  // namespace
@@ -387,39 +399,52 @@ void ensure_schema(Connection& conn) {
   }
   // Create what is missing. Concurrent creators (many processes starting at once) queue on a
   // transaction-level advisory lock, so CREATE ... IF NOT EXISTS never races on the catalog.
-  const Deadline deadline = conn.idem_deadline();
+  // Each statement has its own deadline: the wait for the lock may take most of one.
   auto run = [&](const std::string& sql) {
-    for (const ResultPtr& result : conn.run_script(sql, "creating idem's tables", deadline)) {
+    for (const ResultPtr& result :
+         conn.run_script(sql, "creating idem's tables", conn.idem_deadline())) {
       const ExecStatusType status = PQresultStatus(result.get());
       if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
         creation_failed(conn, result.get());
       }
     }
   };
+  auto set_lock_timeout = [&](std::chrono::milliseconds wait) {
+    Params value;
+    value.text(ms_setting(wait));
+    ResultPtr set = conn.run(Statement::text("SELECT set_config('lock_timeout', $1, true)"), value,
+                             "creating idem's tables", conn.idem_deadline());
+    if (PQresultStatus(set.get()) != PGRES_TUPLES_OK) creation_failed(conn, set.get());
+  };
   run("BEGIN ISOLATION LEVEL READ COMMITTED");
   try {
     // The session's lock_timeout is lock_wait, a bound for a key's record; another instance
-    // creating the tables may take longer than that on a busy server: wait up to
-    // statement_timeout for it instead.
-    Params timeout;
-    timeout.text(ms_setting(conn.settings().statement_timeout));
-    ResultPtr waits = conn.run(Statement::text("SELECT set_config('lock_timeout', $1, true)"),
-                               timeout, "creating idem's tables", deadline);
-    if (PQresultStatus(waits.get()) != PGRES_TUPLES_OK) creation_failed(conn, waits.get());
+    // creating the tables may hold the lock longer than that on a busy server: wait for it up
+    // to statement_timeout, then go back to lock_wait for the tables themselves.
+    set_lock_timeout(conn.settings().statement_timeout);
     Params params;
     params.text(conn.statements().schema_name());
-    ResultPtr locked = conn.run(Statement::text(std::string("SELECT pg_advisory_xact_lock(") +
-                                                kCreateLockClass + ", hashtext($1::text))"),
-                                params, "waiting for the table-creation lock", deadline);
-    if (PQresultStatus(locked.get()) != PGRES_TUPLES_OK) creation_failed(conn, locked.get());
-    check_layout(conn, probe(conn));  // another creator may have been first
-    run(conn.statements().create_script());
-    check_version(conn, read_version(conn));
+    ResultPtr locked =
+        conn.run(Statement::text(std::string("SELECT pg_advisory_xact_lock(") + kCreateLockClass +
+                                 ", hashtext($1::text))"),
+                 params, "waiting for the table-creation lock", conn.idem_deadline());
+    if (PQresultStatus(locked.get()) != PGRES_TUPLES_OK) creation_lock_failed(conn, locked.get());
+    set_lock_timeout(conn.settings().lock_wait);
+    // Another creator may have been first: then nothing is left to create (and its store may
+    // be busy on the tables, which CREATE INDEX IF NOT EXISTS would still lock).
+    const Probe again = probe(conn);
+    check_layout(conn, again);
+    std::optional<std::int64_t> version = again.complete ? read_version(conn) : std::nullopt;
+    if (!version) {
+      run(conn.statements().create_script());
+      version = read_version(conn);
+    }
+    check_version(conn, version);
     run("COMMIT");
   } catch (...) {
     if (PQstatus(conn.get()) == CONNECTION_OK && !conn.broken()) {
       try {
-        (void)conn.run_script("ROLLBACK", "rolling back", deadline);
+        (void)conn.run_script("ROLLBACK", "rolling back", conn.idem_deadline());
       } catch (...) {  // NOLINT(bugprone-empty-catch): the first error is the one to report
         conn.mark_broken();
       }
