@@ -192,6 +192,11 @@ TEST_F(PostgresInbox, SessionSettingsAreRefusedThroughTheTxSetLocalIsFine) {
        {"SET TRANSACTION READ ONLY", "set transaction isolation level serializable"}) {
     expect_refused(sql, "would change idem's transaction");
   }
+  // transaction() work gets a PostgresTx too.
+  EXPECT_THROW(store_.transaction([](PostgresTx& tx) { tx.exec("SET search_path TO public"); }),
+               idem::ConfigError);
+  EXPECT_THROW(store_.transaction([](PostgresTx& tx) { tx.exec("DEALLOCATE ALL"); }),
+               idem::ConfigError);
   EXPECT_EQ(cards(), 0);
   EXPECT_EQ(records(), 0);
   std::vector<std::string> seen;
