@@ -198,11 +198,13 @@ TEST(PostgresPurge, DeletesExpiredRecordsInBoundedStepsOnePurgerAtATime) {
 
 TEST(PostgresPurge, AutomaticStepRidesOnWritesEveryIntervalAndCatchesUp) {
   PostgresOptions options = options_for(fresh_schema());
-  options.purge_interval = 600ms;
+  // Long enough that the first ten claims (slow under sanitizers on a loaded machine) and the
+  // five after the catch-up fit in one interval.
+  options.purge_interval = 1500ms;
   options.purge_batch = 4;
   PostgresStore store(options);
   for (int i = 0; i < 10; ++i) store.claim(expiring("first-" + std::to_string(i), 1ms));
-  std::this_thread::sleep_for(650ms);
+  std::this_thread::sleep_for(1550ms);
   // The interval has passed: a write purges a step of 4; a full step makes the next write
   // purge again, until a step comes back short.
   store.claim(expiring("trigger-1", 60s));

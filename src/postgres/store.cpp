@@ -230,12 +230,17 @@ PostgresStore::Impl::Impl(PostgresOptions opts)
           options.connect_timeout, options.statement_timeout,
           options.lock_wait,       &statements},
       pool(settings, options.pool_size, options.reconnect_backoff),
-      next_purge_ns((detail::pg::Clock::now() + options.purge_interval).time_since_epoch().count()),
+      next_purge_ns(0),
       listener(settings, options.reconnect_backoff, wait_counters) {
   std::unique_ptr<Connection> conn = Connection::open(settings);
   detail::pg::ensure_schema(*conn);
   conn->prepare_statements();
   pool.adopt(std::move(conn));
+  // The first automatic purge step is one interval after the store is ready (creating the
+  // tables may have waited for another instance).
+  next_purge_ns.store(
+      (detail::pg::Clock::now() + options.purge_interval).time_since_epoch().count(),
+      std::memory_order_relaxed);
 }
 
 PostgresStore::PostgresStore(PostgresOptions options)
