@@ -123,10 +123,11 @@ void produce(MockCluster& cluster, const std::string& topic, int n, const std::s
   ASSERT_TRUE(producer.flush(10s));
 }
 
-// Polls every consumer until pred holds; false on timeout.
+// Polls every consumer until pred holds; false on timeout (generous: sanitizer runs beside
+// other tests are slow, and a passing test returns as soon as pred holds).
 bool poll_until(const std::function<bool()>& pred,
                 std::initializer_list<idem::kafka::Consumer*> consumers,
-                std::chrono::milliseconds timeout = 15s) {
+                std::chrono::milliseconds timeout = 45s) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (!pred()) {
     if (std::chrono::steady_clock::now() > deadline) return false;
