@@ -259,7 +259,7 @@ ResultPtr Connection::finish_command(Deadline deadline, std::string_view what) {
     }
   }
   if (!kept) fail(what);
-  retire_if_statement_missing(kept.get());
+  if (PQresultStatus(kept.get()) == PGRES_FATAL_ERROR) retire_if_statement_missing(kept.get());
   return kept;
 }
 
@@ -306,6 +306,7 @@ void Connection::queue(const Statement& statement, const Params& params, Origin 
 
 void Connection::forget_failed_statement(const Queued& queued, const Reply& reply) {
   if (reply.ok()) return;
+  retire_if_statement_missing(reply.result.get());
   // A prepare that failed or was skipped left no statement behind.
   if (!queued.prepared_key.empty()) user_statements_.erase(queued.prepared_key);
   if (reply.skipped()) return;
@@ -334,7 +335,6 @@ std::vector<Reply> Connection::drain(Deadline deadline) {
     Reply reply{queued.origin, std::move(queued.what), nullptr};
     reply.result = next_result(deadline, reply.what);
     if (!reply.result) fail(reply.what);
-    retire_if_statement_missing(reply.result.get());
     forget_failed_statement(queued, reply);
     // COPY cannot run in pipeline mode; libpq reports it as an error result.
     if (next_result(deadline, reply.what) != nullptr) {

@@ -71,47 +71,56 @@ std::string next_keyword(std::string_view& sql) {
   return word;
 }
 
-// Statements that would end idem's transaction or open another one; SAVEPOINT and
-// ROLLBACK TO SAVEPOINT of the handler's own are fine.
-bool ends_transaction(std::string_view sql) {
+// Why a handler may not send sql through its PostgresTx, or null. The first keyword is read
+// once (after blanks, comments and empty statements); each refusal needs at most two more.
+const char* refusal_of(std::string_view sql) {
   const std::string first = next_keyword(sql);
+  // Statements that would end idem's transaction or open another one; SAVEPOINT and
+  // ROLLBACK TO SAVEPOINT of the handler's own are fine.
+  constexpr const char* kEndsTransaction =
+      "would end idem's transaction (or begin another): a handler must not COMMIT, ROLLBACK, "
+      "BEGIN or RELEASE it, its writes commit together with the dedup record; SAVEPOINT and "
+      "ROLLBACK TO SAVEPOINT of your own are fine";
   if (first == "COMMIT" || first == "END" || first == "ABORT" || first == "BEGIN" ||
       first == "START" || first == "RELEASE") {
-    return true;
+    return kEndsTransaction;
   }
   if (first == "ROLLBACK") {
     std::string next = next_keyword(sql);
     if (next == "WORK" || next == "TRANSACTION") next = next_keyword(sql);
-    return next != "TO";
+    return next != "TO" ? kEndsTransaction : nullptr;
   }
-  if (first == "PREPARE") return next_keyword(sql) == "TRANSACTION";
-  return false;
-}
-
-// Session-level settings (SET, SET SESSION, RESET) outlive idem's transaction: on a pooled
-// connection they would reach later messages' handlers and idem's own statements (whose
-// lock_timeout bounds a claim's wait). SET LOCAL and SET CONSTRAINTS end with the
-// transaction; SET TRANSACTION is refused as changing idem's transaction.
-bool sets_session(std::string_view sql) {
-  const std::string first = next_keyword(sql);
-  if (first == "RESET") return true;
-  if (first != "SET") return false;
-  const std::string next = next_keyword(sql);
-  return next != "LOCAL" && next != "CONSTRAINTS" && next != "TRANSACTION";
-}
-
-// SET TRANSACTION: READ ONLY would make idem's own writes later in the transaction fail, and
-// an isolation level or snapshot can no longer be set once statements ran.
-bool sets_transaction(std::string_view sql) {
-  return next_keyword(sql) == "SET" && next_keyword(sql) == "TRANSACTION";
-}
-
-// DEALLOCATE ALL drops idem's prepared statements along with the handler's own.
-bool drops_all_prepared(std::string_view sql) {
-  if (next_keyword(sql) != "DEALLOCATE") return false;
-  std::string next = next_keyword(sql);
-  if (next == "PREPARE") next = next_keyword(sql);
-  return next == "ALL";
+  if (first == "PREPARE") return next_keyword(sql) == "TRANSACTION" ? kEndsTransaction : nullptr;
+  // Session-level settings (SET, SET SESSION, RESET) outlive idem's transaction: on a pooled
+  // connection they would reach later messages' handlers and idem's own statements (whose
+  // lock_timeout bounds a claim's wait). SET LOCAL and SET CONSTRAINTS end with it.
+  constexpr const char* kSetsSession =
+      "would change the session, which outlives idem's transaction: on a pooled connection it "
+      "would reach later messages' handlers and idem's own statements; use SET LOCAL, which "
+      "lasts until idem's commit";
+  if (first == "RESET") return kSetsSession;
+  if (first == "SET") {
+    const std::string next = next_keyword(sql);
+    if (next == "LOCAL" || next == "CONSTRAINTS") return nullptr;
+    // SET TRANSACTION: READ ONLY would make idem's own writes later in the transaction fail,
+    // and an isolation level or snapshot can no longer be set once statements ran.
+    if (next == "TRANSACTION") {
+      return "would change idem's transaction, which idem runs READ COMMITTED and read-write "
+             "and needs so (its record is written in it); set what you need per statement, or "
+             "use SET LOCAL for settings";
+    }
+    return kSetsSession;
+  }
+  // DEALLOCATE ALL drops idem's prepared statements along with the handler's own.
+  if (first == "DEALLOCATE") {
+    std::string next = next_keyword(sql);
+    if (next == "PREPARE") next = next_keyword(sql);
+    if (next == "ALL") {
+      return "would drop idem's prepared statements along with yours: DEALLOCATE your own by "
+             "name";
+    }
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -574,25 +583,7 @@ PGconn* PostgresSession::native_handle() {
 }
 
 void PostgresSession::refuse_session_control(std::string_view sql) const {
-  const char* why = nullptr;
-  if (ends_transaction(sql)) {
-    why =
-        "would end idem's transaction (or begin another): a handler must not COMMIT, ROLLBACK, "
-        "BEGIN or RELEASE it, its writes commit together with the dedup record; SAVEPOINT and "
-        "ROLLBACK TO SAVEPOINT of your own are fine";
-  } else if (sets_session(sql)) {
-    why =
-        "would change the session, which outlives idem's transaction: on a pooled connection it "
-        "would reach later messages' handlers and idem's own statements; use SET LOCAL, which "
-        "lasts until idem's commit";
-  } else if (sets_transaction(sql)) {
-    why =
-        "would change idem's transaction, which idem runs READ COMMITTED and read-write and "
-        "needs so (its record is written in it); set what you need per statement, or use "
-        "SET LOCAL for settings";
-  } else if (drops_all_prepared(sql)) {
-    why = "would drop idem's prepared statements along with yours: DEALLOCATE your own by name";
-  }
+  const char* why = refusal_of(sql);
   if (why == nullptr) return;
   throw ConfigError(conn_.target().label + ": \"" + pg::shown(sql) + "\" " + why +
                     ". Nothing was sent or committed");
